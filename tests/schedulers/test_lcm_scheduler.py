@@ -130,7 +130,7 @@ def test_original_inference_steps_argument_overrides_config() -> None:
     [
         ({}, "exactly one"),
         ({"num_inference_steps": 4, "timesteps": [999, 499]}, "only pass one"),
-        ({"num_inference_steps": 51}, "smaller than `num_inference_steps`"),
+        ({"num_inference_steps": 51}, "cannot be larger than `original_inference_steps`"),
         ({"num_inference_steps": 6, "strength": 0.1}, "smaller than `num_inference_steps`"),
         ({"num_inference_steps": 1, "strength": 0.0}, "smaller than `num_inference_steps`"),
         ({"num_inference_steps": 4, "original_inference_steps": 1001}, "cannot be larger"),

@@ -236,17 +236,17 @@ def lcm_timesteps(
             f"`num_inference_steps`: {num_inference_steps} cannot be larger than `num_train_timesteps`: "
             f"{num_train_timesteps}; the model was trained on {num_train_timesteps} timesteps at most."
         )
+    if num_inference_steps > original_steps:
+        raise ValueError(
+            f"`num_inference_steps`: {num_inference_steps} cannot be larger than `original_inference_steps`: "
+            f"{original_steps}, because the schedule is a subset of the {original_steps}-step distillation grid."
+        )
     if len(grid) // num_inference_steps < 1:
         raise ValueError(
             f"The combination of `original_steps x strength`: {original_steps} x {strength} is smaller than "
             f"`num_inference_steps`: {num_inference_steps}. Reduce `num_inference_steps` to at most "
             f"{int(original_steps * strength)} or increase `strength` to at least "
             f"{float(num_inference_steps / original_steps)}."
-        )
-    if num_inference_steps > original_steps:
-        raise ValueError(
-            f"`num_inference_steps`: {num_inference_steps} cannot be larger than `original_inference_steps`: "
-            f"{original_steps}, because the schedule is a subset of the {original_steps}-step distillation grid."
         )
     grid = grid[::-1]
     indices = np.floor(np.linspace(0, len(grid), num=num_inference_steps, endpoint=False)).astype(np.int64)

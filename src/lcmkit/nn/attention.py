@@ -1,0 +1,65 @@
+"""Multi-head attention with the diffusers `Attention` key layout (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention over tokens, optionally cross-attending to `context`.
+
+    The VAE's spatial self-attention uses `norm_groups` (a GroupNorm on the input, stored as `group_norm`)
+    and `residual=True`, and accepts NCHW feature maps; the UNet's transformer blocks pass (B, L, C) tokens.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        bias: bool = False,
+        out_bias: bool = True,
+        upcast: bool = False,
+        norm_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.upcast = upcast
+        self.residual = residual
+        self.group_norm = nn.GroupNorm(norm_groups, query_dim, eps=norm_eps) if norm_groups else None
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        if x.ndim == 4:  # NCHW feature map -> (B, HW, C) tokens
+            x = x.flatten(2).transpose(1, 2)
+        residual = x
+        if self.group_norm is not None:
+            x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        context = x if context is None else context
+        b = x.shape[0]
+        q = self.to_q(x).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
+        k = self.to_k(context).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
+        v = self.to_v(context).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head)
+        out = self.to_out[0](out)
+        if self.residual:
+            out = out + residual
+        if len(shape) == 4:
+            out = out.transpose(1, 2).reshape(shape)
+        return out
