@@ -1,0 +1,31 @@
+"""lcmkit: Latent Consistency Model pipelines, models and tools in plain PyTorch.
+
+Public names load lazily so that `import lcmkit` stays cheap (transformers is imported on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LatentConsistencyModelPipeline": "lcmkit.pipelines.text2img",
+    "LatentConsistencyModelImg2ImgPipeline": "lcmkit.pipelines.img2img",
+    "StableDiffusionPipelineOutput": "lcmkit.pipelines.output",
+    "LCMScheduler": "lcmkit.schedulers.lcm",
+    "UNet2DConditionModel": "lcmkit.models.unet",
+    "AutoencoderKL": "lcmkit.models.vae",
+    "SafetyChecker": "lcmkit.models.safety",
+    "UNetConfig": "lcmkit.config",
+    "VAEConfig": "lcmkit.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lcmkit' has no attribute {name!r}")

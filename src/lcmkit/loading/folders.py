@@ -89,7 +89,7 @@ def _load_one(
     if name == "safety_checker":
         from lcmkit.models.safety import SafetyChecker
 
-        return SafetyChecker.from_pretrained(folder, dtype=torch_dtype)
+        return SafetyChecker.from_pretrained(folder, dtype=torch_dtype, variant=variant)
     if name == "feature_extractor":
         from lcmkit.models.safety import load_feature_extractor
 

@@ -1,0 +1,172 @@
+"""Image-to-image LCM sampling (diffusers `LatentConsistencyModelImg2ImgPipeline` contract).
+
+Strength is applied inside the scheduler's `set_timesteps` (it shrinks the skipping-step grid), as the reference does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from lcmkit.pipelines.common import Generator, LCMPipelineBase
+from lcmkit.pipelines.image import preprocess
+from lcmkit.pipelines.output import StableDiffusionPipelineOutput
+from lcmkit.schedulers.randn import randn_like_reference
+
+logger = logging.getLogger(__name__)
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
+
+
+class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
+    """Re-imagine an input image under a prompt in 1-8 steps."""
+
+    pipeline_class_name = "LatentConsistencyModelImg2ImgPipeline"
+
+    def prepare_latents(
+        self,
+        image: torch.Tensor,
+        timestep: torch.Tensor,
+        batch_size: int,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: Generator = None,
+    ) -> torch.Tensor:
+        """x_t = add_noise(z0, eps, t_first), z0 from the VAE posterior (or `image` itself when it has 4 channels).
+
+        Random draws in the reference order: posterior sample(s) first, then the noise.
+        """
+        image = image.to(device=device, dtype=dtype)
+        batch = batch_size * num_images_per_prompt
+        self._check_generator(generator, batch)
+        if image.shape[1] == self.vae.config.latent_channels:
+            z0 = image
+        else:
+            if isinstance(generator, list):
+                if image.shape[0] < batch:
+                    if batch % image.shape[0]:
+                        raise ValueError(
+                            f"Cannot duplicate `image` of batch size {image.shape[0]} to effective batch_size {batch}"
+                        )
+                    image = torch.cat([image] * (batch // image.shape[0]), dim=0)
+                z0 = torch.cat(
+                    [
+                        self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i])
+                        for i in range(batch)
+                    ],
+                    dim=0,
+                )
+            else:
+                z0 = self.vae.encode(image).latent_dist.sample(generator)
+            z0 = self.vae.config.scaling_factor * z0
+        if z0.shape[0] < batch:
+            if batch % z0.shape[0]:
+                raise ValueError(
+                    f"Cannot duplicate `image` of batch size {z0.shape[0]} to {batch} text prompts."
+                )
+            logger.warning(
+                "%d images were requested from %d input image(s); each input image is repeated for its prompts",
+                batch,
+                z0.shape[0],
+            )
+            z0 = torch.cat([z0] * (batch // z0.shape[0]), dim=0)
+        elif z0.shape[0] > batch:
+            raise ValueError(
+                f"got {z0.shape[0]} input images for {batch} outputs (prompts x num_images_per_prompt); "
+                "pass one image, or one per output"
+            )
+        noise = randn_like_reference(z0.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.add_noise(z0, noise, timestep)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: ImageInput | None = None,
+        num_inference_steps: int = 4,
+        strength: float = 0.8,
+        original_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 8.5,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        **kwargs: Any,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        legacy_callback, legacy_steps = self._pop_legacy_callback(kwargs)
+        # 1. check inputs
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
+        self._check_common_inputs(
+            prompt,
+            prompt_embeds,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            num_images_per_prompt,
+            num_inference_steps,
+            timesteps,
+        )
+        if image is None and latents is None:
+            raise ValueError(
+                "img2img needs an `image` (PIL, numpy array, tensor, or a list of them) or `latents`"
+            )
+        self._set_call_state(guidance_scale, clip_skip, cross_attention_kwargs)
+        batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        self._check_generator(generator, batch)
+        device = self.device
+        # 2. text embeddings and the input image
+        prompt_embeds = self.encode_prompt(prompt, device, num_images_per_prompt, prompt_embeds, clip_skip)
+        # 3. timesteps, shortened by strength inside the scheduler
+        schedule = self._set_timesteps(
+            num_inference_steps, device, timesteps, original_inference_steps, strength
+        )
+        # 4. starting latents: the noised image (the image is ignored when `latents` are given, as in the reference)
+        if latents is None:
+            pixels = preprocess(image, self.vae_scale_factor)
+            latents = self.prepare_latents(
+                pixels,
+                schedule[:1],
+                batch // num_images_per_prompt,
+                num_images_per_prompt,
+                prompt_embeds.dtype,
+                device,
+                generator,
+            )
+        else:
+            latents = latents.to(device)
+        # 5. guidance embedding, the loop, the decode
+        w_embedding = self._w_embedding(guidance_scale, batch, device, latents.dtype)
+        denoised = self._denoise(
+            latents,
+            schedule,
+            prompt_embeds,
+            w_embedding,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            legacy_callback,
+            legacy_steps,
+        )
+        return self._decode(denoised, output_type, device, prompt_embeds.dtype, return_dict)
+
+    def get_timesteps(
+        self, num_inference_steps: int, strength: float, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """SD-img2img style truncation, kept for API parity; this pipeline passes `strength` to the scheduler instead."""
+        init = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init, 0)
+        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
+        return timesteps, num_inference_steps - t_start

@@ -1,0 +1,108 @@
+"""A tiny random LCM pipeline folder built with lcmkit's own models, for demos and smoke tests.
+
+Its images are noise (the weights are random); it exists so that the whole path (folder -> pipeline -> PNG) can run
+on any machine with no download. The tokenizer is a character-level CLIP BPE vocabulary (no merges), which the
+standard `CLIPTokenizer` reads like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lcmkit.config import UNetConfig, VAEConfig
+
+TINY_UNET = UNetConfig(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_attention=(True, False),
+    up_attention=(False, True),
+    layers_per_block=(1, 1),
+    transformer_layers_per_block=(1, 1),
+    attention_head_dim=(4, 4),
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    time_cond_proj_dim=32,
+)
+TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            chars.append(256 + n)
+            n += 1
+    return [chr(c) for c in chars]
+
+
+def write_char_clip_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
+    """Write vocab.json / merges.txt / configs of a character-level CLIP tokenizer (514 tokens) to `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2)
+    )
+    return folder
+
+
+def build_tiny_lcm(folder: str | Path, seed: int = 0) -> Path:
+    """Write a complete diffusers-layout LCM folder with seeded random weights (about 2 MB)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lcmkit.loading.folders import save_components
+    from lcmkit.models.unet import UNet2DConditionModel
+    from lcmkit.models.vae import AutoencoderKL
+    from lcmkit.schedulers import LCMScheduler
+
+    folder = Path(folder)
+    write_char_clip_tokenizer(folder / "tokenizer")
+    from lcmkit.models.text import load_tokenizer
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=514,
+            hidden_size=TINY_UNET.cross_attention_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+    )
+    components = {
+        "unet": UNet2DConditionModel(TINY_UNET),
+        "vae": AutoencoderKL(TINY_VAE),
+        "text_encoder": text_encoder,
+        "tokenizer": load_tokenizer(folder / "tokenizer"),
+        "scheduler": LCMScheduler(),
+    }
+    save_components(
+        components, folder, "LatentConsistencyModelPipeline", extra={"requires_safety_checker": False}
+    )
+    return folder
