@@ -17,6 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lcmkit.loading.folders import load_components, save_components
+from lcmkit.loading.hub import resolve_pretrained
+from lcmkit.loading.lora import LoraLoaderMixin
+from lcmkit.loading.single_file import FromSingleFileMixin
+from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
 from lcmkit.models.safety import run_safety_checker
 from lcmkit.models.text import encode_prompt
 from lcmkit.pipelines.image import postprocess
@@ -28,9 +32,10 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "w_embedding")
 Generator = torch.Generator | list[torch.Generator] | None
+HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "token", "force_download", "subfolder")
 
 
-class LCMPipelineBase:
+class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
     """Holds the components and everything both LCM pipelines do the same way."""
 
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
@@ -106,7 +111,9 @@ class LCMPipelineBase:
         `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way).
         """
         torch_dtype = torch_dtype or dtype
-        loaded, index = load_components(pretrained_model_name_or_path, torch_dtype, variant, components)
+        hub_kwargs = {k: components.pop(k) for k in HUB_KWARGS if k in components}
+        folder = resolve_pretrained(pretrained_model_name_or_path, variant=variant, **hub_kwargs)
+        loaded, index = load_components(folder, torch_dtype, variant, components)
         if requires_safety_checker is None:
             requires_safety_checker = bool(index.get("requires_safety_checker", True))
         return cls(**loaded, requires_safety_checker=requires_safety_checker)
@@ -284,6 +291,7 @@ class LCMPipelineBase:
             prompt_embeds=prompt_embeds,
             clip_skip=clip_skip,
             dtype=self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype,
+            prompt_transform=self._prompt_transform(),
         )
 
     def get_guidance_scale_embedding(
