@@ -91,7 +91,15 @@ SD2 = TinySpec(
     ),
 )
 
-SPECS = {s.name: s for s in (SD15, SD2)}
+# An ordinary SD-style UNet (no w-embedding input): what an LCM-LoRA is applied to; guidance is real CFG.
+SD15_PLAIN = TinySpec(
+    name="sd15_plain",
+    unet={k: v for k, v in SD15.unet.items() if k != "time_cond_proj_dim"},
+    vae=SD15.vae,
+    scheduler=SD15.scheduler,
+)
+
+SPECS = {s.name: s for s in (SD15, SD2, SD15_PLAIN)}
 
 
 def build_diffusers_components(spec: TinySpec, tokenizer_dir: Path) -> dict:

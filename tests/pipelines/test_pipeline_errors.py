@@ -82,8 +82,8 @@ def test_img2img_without_image(i2i):
 
 
 def test_unexpected_keyword(t2i):
-    with pytest.raises(TypeError, match="negative_prompt"):
-        t2i("x", negative_prompt="blurry")
+    with pytest.raises(TypeError, match="ip_adapter_image"):
+        t2i("x", ip_adapter_image="face.png")
 
 
 def test_long_prompt_truncated_with_warning(t2i, caplog):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from lcmkit.loading.lora import LoraLoaderMixin
 from lcmkit.loading.single_file import FromSingleFileMixin
 from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
 from lcmkit.models.safety import run_safety_checker
-from lcmkit.models.text import encode_prompt
+from lcmkit.models.text import encode_negative_prompt, encode_prompt
 from lcmkit.pipelines.image import postprocess
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.lcm_math import guidance_scale_embedding
@@ -30,8 +31,20 @@ from lcmkit.schedulers.lcm_math import guidance_scale_embedding
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "w_embedding")
+CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "negative_prompt_embeds", "w_embedding")
 Generator = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass
+class Conditioning:
+    """The text/guidance inputs of one call. `negative_embeds` is None unless classifier-free guidance runs."""
+
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    w_embedding: torch.Tensor | None
+    cfg_scale: float
+
+
 HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "token", "force_download", "subfolder")
 
 
@@ -79,6 +92,7 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         self._clip_skip: int | None = None
         self._cross_attention_kwargs: dict | None = None
         self._num_timesteps = 0
+        self._do_cfg = False
 
     # ------------------------------------------------------------------------------------------------------------------
     # Components, loading, saving, devices
@@ -210,7 +224,9 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return False  # LCM distils guidance into the w-embedding: one UNet pass per step
+        """False for plain LCM sampling (guidance is distilled into the w-embedding: one UNet pass per step);
+        True while a call runs real classifier-free guidance (negative prompt, or a UNet without w-embedding)."""
+        return self._do_cfg
 
     @property
     def num_timesteps(self) -> int:
@@ -290,34 +306,114 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
             num_images_per_prompt=num_images_per_prompt,
             prompt_embeds=prompt_embeds,
             clip_skip=clip_skip,
-            dtype=self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype,
+            dtype=self._text_dtype(),
             prompt_transform=self._prompt_transform(),
         )
+
+    def encode_negative_prompt(
+        self,
+        negative_prompt: str | list[str] | None,
+        batch_size: int,
+        device: torch.device,
+        num_images_per_prompt: int = 1,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt: str | list[str] | None = None,
+    ) -> torch.Tensor:
+        """Embeddings of the unconditional side of classifier-free guidance ("" when no negative prompt is given)."""
+        return encode_negative_prompt(
+            negative_prompt,
+            batch_size,
+            self.tokenizer,
+            self.text_encoder,
+            device,
+            num_images_per_prompt=num_images_per_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
+            prompt=prompt,
+            dtype=self._text_dtype(),
+            prompt_transform=self._prompt_transform(),
+        )
+
+    def _text_dtype(self) -> torch.dtype:
+        return self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
 
     def get_guidance_scale_embedding(
         self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         return guidance_scale_embedding(w, embedding_dim=embedding_dim, dtype=dtype)
 
-    def _w_embedding(
-        self, guidance_scale: float, batch: int, device: torch.device, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """The LCM guidance input: w = guidance_scale - 1 (Imagen convention), sinusoidally embedded."""
-        dim = self.unet.config.time_cond_proj_dim
-        if dim is None:
-            raise ValueError(
-                "this UNet has no w-embedding input (unet.config.time_cond_proj_dim is None), so it is not an LCM UNet; "
-                "use an LCM checkpoint, or an SD UNet with an LCM-LoRA through the LoRA loader"
-            )
-        w = torch.tensor(guidance_scale - 1).repeat(batch)
-        return guidance_scale_embedding(w, embedding_dim=dim).to(device=device, dtype=dtype)
+    def _conditioning(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt: str | list[str] | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        negative_guidance_scale: float,
+        num_images_per_prompt: int,
+        clip_skip: int | None,
+        device: torch.device,
+    ) -> Conditioning:
+        """What the UNet sees, and how guidance is applied.
+
+        - An LCM UNet (with a w-embedding input) gets w = guidance_scale - 1, embedded (the reference behaviour:
+          one UNet pass per step). A negative prompt is an opt-in that adds classifier-free guidance on top, between
+          the prompt and the negative prompt, at `negative_guidance_scale`.
+        - A UNet without a w-embedding (an SD UNet with an LCM-LoRA) does real classifier-free guidance at
+          `guidance_scale` when it is > 1, as diffusers' StableDiffusionPipeline does; the negative prompt defaults to "".
+        """
+        batch = self._batch_size(prompt, prompt_embeds)
+        if isinstance(negative_prompt, str) and isinstance(prompt, list):
+            negative_prompt = [negative_prompt] * batch  # one negative for every prompt (diffusers raises here)
+        embeds = self.encode_prompt(prompt, device, num_images_per_prompt, prompt_embeds, clip_skip)
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        w_embedding = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            w = torch.tensor(guidance_scale - 1).repeat(batch * num_images_per_prompt)
+            w_embedding = guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim)
+            w_embedding = w_embedding.to(device=device, dtype=embeds.dtype)
+            cfg_scale = negative_guidance_scale if has_negative else 1.0
+        else:
+            cfg_scale = guidance_scale
+        if cfg_scale <= 1.0:
+            if has_negative:
+                logger.warning(
+                    "the negative prompt is ignored: classifier-free guidance needs a scale > 1 (got %g)",
+                    cfg_scale,
+                )
+            return Conditioning(embeds, None, w_embedding, 1.0)
+        negative = self.encode_negative_prompt(
+            negative_prompt, batch, device, num_images_per_prompt, negative_prompt_embeds, prompt
+        )
+        return Conditioning(embeds, negative, w_embedding, cfg_scale)
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, state: dict, cfg_scale: float) -> torch.Tensor:
+        """The UNet's raw prediction, with classifier-free guidance eps_u + s (eps_c - eps_u) when a negative is set."""
+        negative, w_embedding = state["negative_prompt_embeds"], state["w_embedding"]
+        if negative is None:
+            return self.unet(
+                x_t,
+                t,
+                timestep_cond=w_embedding,
+                encoder_hidden_states=state["prompt_embeds"],
+                cross_attention_kwargs=self._cross_attention_kwargs,
+                return_dict=False,
+            )[0]
+        pred = self.unet(
+            torch.cat([x_t, x_t]),
+            t,
+            timestep_cond=None if w_embedding is None else torch.cat([w_embedding, w_embedding]),
+            encoder_hidden_states=torch.cat([negative, state["prompt_embeds"]]),
+            cross_attention_kwargs=self._cross_attention_kwargs,
+            return_dict=False,
+        )[0]
+        uncond, cond = pred.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
 
     def _denoise(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        w_embedding: torch.Tensor,
+        cond: Conditioning,
         generator: Generator,
         callback_on_step_end: Callable | None,
         callback_tensor_inputs: Sequence[str],
@@ -326,29 +422,24 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
     ) -> torch.Tensor:
         """The LCM multistep sampler (Luo et al. 2023, Alg. 3). Returns the last consistency estimate `denoised`."""
         self._num_timesteps = len(timesteps)
+        self._do_cfg = cond.negative_embeds is not None
         state = {
             "latents": latents,
-            "prompt_embeds": prompt_embeds,
-            "w_embedding": w_embedding,
+            "prompt_embeds": cond.prompt_embeds,
+            "negative_prompt_embeds": cond.negative_embeds,
+            "w_embedding": cond.w_embedding,
             "denoised": None,
         }
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 # 1. the consistency function's raw prediction at (x_t, t, w, c)
                 x_t = state["latents"].to(state["prompt_embeds"].dtype)
-                model_pred = self.unet(
-                    x_t,
-                    t,
-                    timestep_cond=state["w_embedding"],
-                    encoder_hidden_states=state["prompt_embeds"],
-                    cross_attention_kwargs=self._cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
+                model_pred = self._predict(x_t, t, state, cond.cfg_scale)
                 # 2. x0 estimate with the boundary scalings, then re-noise to the next timestep (not after the last)
                 state["latents"], state["denoised"] = self.scheduler.step(
                     model_pred, t, x_t, generator=generator, return_dict=False
                 )
-                # 3. user hook: may read and replace any of the four tensors
+                # 3. user hook: may read and replace any of the tensors it asked for
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {k: state[k] for k in callback_tensor_inputs})
                     if not isinstance(out, dict):

@@ -60,6 +60,9 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
         generator: Generator = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_guidance_scale: float = 1.5,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -89,7 +92,18 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
         self._check_generator(generator, batch)
         device = self.device
         # 2. text embeddings
-        prompt_embeds = self.encode_prompt(prompt, device, num_images_per_prompt, prompt_embeds, clip_skip)
+        cond = self._conditioning(
+            prompt,
+            prompt_embeds,
+            negative_prompt,
+            negative_prompt_embeds,
+            guidance_scale,
+            negative_guidance_scale,
+            num_images_per_prompt,
+            clip_skip,
+            device,
+        )
+        prompt_embeds = cond.prompt_embeds
         # 3. timesteps
         schedule = self._set_timesteps(num_inference_steps, device, timesteps, original_inference_steps)
         # 4. initial latents
@@ -103,13 +117,11 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
             generator,
             latents,
         )
-        # 5. guidance embedding, the loop, the decode
-        w_embedding = self._w_embedding(guidance_scale, batch, device, latents.dtype)
+        # 5. the loop, the decode
         denoised = self._denoise(
             latents,
             schedule,
-            prompt_embeds,
-            w_embedding,
+            cond,
             generator,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
