@@ -6,13 +6,15 @@ returns images with their seeds and the AUTOMATIC1111-style parameter text ("inf
 
 from __future__ import annotations
 
+import inspect
+import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import PIL.Image
-import torch
 
 from lcmkit import __version__
 
@@ -56,6 +58,91 @@ def resolve_seed(seed: int | None) -> int:
     return seed
 
 
+# Option values from untyped sources (command line strings, JSON lines). Each parser raises a ValueError that says
+# what was wrong and what is allowed; front ends add where (which option, which line).
+
+
+def parse_int(value: Any, what: str, low: int, high: int | None = None) -> int:
+    ok = isinstance(value, int | str) and not isinstance(value, bool)
+    try:
+        n = int(value) if ok else None
+    except ValueError:
+        n = None
+    if n is None or n < low or (high is not None and n > high):
+        allowed = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"{what} must be an integer {allowed}, got {value!r}")
+    return n
+
+
+def parse_float(value: Any, what: str, low: float | None = None, high: float | None = None) -> float:
+    """A finite number; with bounds, `low < x <= high`."""
+    ok = isinstance(value, int | float | str) and not isinstance(value, bool)
+    try:
+        x = float(value) if ok else None
+    except ValueError:
+        x = None
+    if x is None or not math.isfinite(x) or (low is not None and x <= low) or (high is not None and x > high):
+        allowed = (
+            "a number" if low is None or high is None else f"a number above {low:g} and at most {high:g}"
+        )
+        raise ValueError(f"{what} must be {allowed}, got {value!r}")
+    return x
+
+
+def parse_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    return value
+
+
+def parse_side(value: Any, what: str = "width and height") -> int:
+    n = parse_int(value, what, 8)
+    if n % 8:
+        raise ValueError(f"{what} must be a multiple of 8 (the VAE downsamples by 8), got {n}")
+    return n
+
+
+def parse_size(text: Any) -> tuple[int, int]:
+    """`WIDTHxHEIGHT`, both multiples of 8."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"size must be WIDTHxHEIGHT such as 512x512, got {text!r}")
+    return parse_side(match[1], "size width"), parse_side(match[2], "size height")
+
+
+def parse_seed(value: Any) -> int | None:
+    """-1 means random (None), as in AUTOMATIC1111."""
+    seed = parse_int(value, "seed", -1, MAX_SEED)
+    return None if seed == -1 else seed
+
+
+OPTION_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "prompt": ("prompt", lambda v: parse_text(v, "prompt")),
+    "negative_prompt": ("negative_prompt", lambda v: parse_text(v, "negative_prompt")),
+    "steps": ("steps", lambda v: parse_int(v, "steps", 1)),
+    "guidance": ("guidance_scale", lambda v: parse_float(v, "guidance")),
+    "seed": ("seed", parse_seed),
+    "n": ("num_images", lambda v: parse_int(v, "n", 1)),
+    "strength": ("strength", lambda v: parse_float(v, "strength", 0.0, 1.0)),
+    "width": ("width", lambda v: parse_side(v, "width")),
+    "height": ("height", lambda v: parse_side(v, "height")),
+}
+OPTION_KEYS = sorted([*OPTION_FIELDS, "size"])
+
+
+def apply_options(req: GenerationRequest, options: Mapping[str, Any]) -> GenerationRequest:
+    """A copy of `req` with short-named options (a JSON line of a batch file) applied; `size` is "WxH"."""
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; allowed: {OPTION_KEYS}")
+    changes = {attr: parse(options[key]) for key, (attr, parse) in OPTION_FIELDS.items() if key in options}
+    if "size" in options:
+        changes["width"], changes["height"] = parse_size(options["size"])
+    if not changes.get("prompt", req.prompt).strip():
+        raise ValueError("prompt must be a non-empty string")
+    return replace(req, **changes)
+
+
 def infotext(
     req: GenerationRequest, seed: int, width: int, height: int, model_name: str | None = None
 ) -> str:
@@ -90,6 +177,8 @@ def run_request(
     callback_on_step_end: Callable | None = None,
 ) -> list[GeneratedImage]:
     """Run `req` on a text-to-image pipeline (img2img reuses its components through `from_pipe`)."""
+    import torch
+
     seed = resolve_seed(req.seed)
     seeds = [seed + i for i in range(req.num_images)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -102,13 +191,20 @@ def run_request(
         callback_on_step_end=callback_on_step_end,
         **req.extra,
     )
-    if req.negative_prompt:
-        kwargs["negative_prompt"] = req.negative_prompt
+    runner = pipe
     if req.is_img2img:
         from lcmkit.pipelines.img2img import LatentConsistencyModelImg2ImgPipeline
 
         runner = LatentConsistencyModelImg2ImgPipeline.from_pipe(pipe)
         runner.set_progress_bar_config(**pipe._progress_bar_config)
+    if req.negative_prompt:
+        if "negative_prompt" not in inspect.signature(runner.__call__).parameters:
+            raise ValueError(
+                "this pipeline takes no negative prompt: LCM distils guidance into the w-embedding (no CFG pass), "
+                "so leave the negative prompt empty"
+            )
+        kwargs["negative_prompt"] = req.negative_prompt
+    if req.is_img2img:
         images = runner(req.prompt, image=req.init_image, strength=req.strength, **kwargs).images
     else:
         images = pipe(req.prompt, width=req.width, height=req.height, **kwargs).images

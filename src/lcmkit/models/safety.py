@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
@@ -21,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPVisionModel
+from transformers import CLIPConfig, CLIPVisionModel
+
+if TYPE_CHECKING:  # importing it at run time logs a torchvision warning; only loading needs it
+    from transformers import CLIPImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +245,8 @@ def load_feature_extractor(folder: str | Path) -> CLIPImageProcessor:
         raise FileNotFoundError(
             f"No preprocessor_config.json in {folder}; pass the '<model>/feature_extractor' folder."
         )
+    from transformers import CLIPImageProcessor
+
     return CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
 
 

@@ -126,7 +126,10 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         """
         torch_dtype = torch_dtype or dtype
         hub_kwargs = {k: components.pop(k) for k in HUB_KWARGS if k in components}
-        folder = resolve_pretrained(pretrained_model_name_or_path, variant=variant, **hub_kwargs)
+        # components the caller supplies (or disables with None) are not downloaded
+        folder = resolve_pretrained(
+            pretrained_model_name_or_path, variant=variant, skip_components=tuple(components), **hub_kwargs
+        )
         loaded, index = load_components(folder, torch_dtype, variant, components)
         if requires_safety_checker is None:
             requires_safety_checker = bool(index.get("requires_safety_checker", True))
@@ -363,7 +366,9 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         """
         batch = self._batch_size(prompt, prompt_embeds)
         if isinstance(negative_prompt, str) and isinstance(prompt, list):
-            negative_prompt = [negative_prompt] * batch  # one negative for every prompt (diffusers raises here)
+            negative_prompt = [
+                negative_prompt
+            ] * batch  # one negative for every prompt (diffusers raises here)
         embeds = self.encode_prompt(prompt, device, num_images_per_prompt, prompt_embeds, clip_skip)
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
         w_embedding = None
