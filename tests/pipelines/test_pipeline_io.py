@@ -67,6 +67,20 @@ def test_fp16_variant_and_torch_dtype(tiny_folders, tmp_path):
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
 
 
+def test_variant_missing_falls_back_to_default_weights(tmp_path, tiny_folders, caplog):
+    """Like diffusers: a model folder without fp16 files for a component loads that component's default weights."""
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_folders["sd15"], folder)
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_file.rename(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    with caplog.at_level("WARNING"):
+        pipe = LatentConsistencyModelPipeline.from_pretrained(folder, variant="fp16")
+    assert any("has no 'fp16' weights" in r.getMessage() for r in caplog.records)
+    assert pipe.vae is not None
+
+
 def test_bin_weights_load_with_weights_only(tiny_folders, tmp_path):
     import diffusers
 

@@ -35,6 +35,11 @@ def find_weights_file(folder: str | Path, variant: str | None = None) -> Path:
     for name in candidates:
         if (folder / name).is_file():
             return folder / name
+    if variant:  # as diffusers: a component without the variant (often the safety checker) uses its default weights
+        for name in SAFETENSORS_NAMES + PICKLE_NAMES:
+            if (folder / name).is_file():
+                logger.warning("%s has no %r weights; loading %s instead", folder, variant, name)
+                return folder / name
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     hint = f" (variant={variant!r})" if variant else ""
     raise WeightsError(

@@ -67,6 +67,10 @@ def load_text_encoder(
     would otherwise keep the file's dtype). ``variant="fp16"`` reads ``model.fp16.safetensors``.
     """
     folder = Path(folder)
+    if variant and not any((folder / name).is_file() for name in _weight_names(variant)):
+        if any((folder / name).is_file() for name in _weight_names(None)):  # as diffusers: default weights
+            logger.warning("%s has no %r weights; loading its default weights instead", folder, variant)
+            variant = None
     _check_component_folder(folder, variant, "text_encoder")
     kwargs = {_dtype_kwarg(): dtype or torch.float32}
     if "weights_only" in inspect.signature(CLIPTextModel.from_pretrained).parameters:
