@@ -100,8 +100,11 @@ def _copy(folder, tmp_path):
 
 
 def test_not_a_folder(tmp_path):
-    with pytest.raises(PipelineFolderError, match="is not a folder"):
+    with pytest.raises(ValueError, match="neither an existing local folder nor a hub repo id"):
         LatentConsistencyModelPipeline.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineFolderError, match="has no model_index.json"):
+        LatentConsistencyModelPipeline.from_pretrained(tmp_path / "empty")
 
 
 def test_missing_component_folder(tiny_folders, tmp_path):

@@ -1,7 +1,833 @@
-"""LoRA adapters (kohya and PEFT/diffusers files) on lcmkit's UNet and the CLIP text encoder."""
+"""LoRA adapters (kohya and PEFT/diffusers files) on lcmkit's UNet and the CLIP text encoder.
+
+A LoRA (Hu et al., 2021) adds a low-rank update to a frozen layer: for a linear layer
+`y = W x + b + w * (alpha / r) * B (A x)`, with `A` (`down`, r x in) and `B` (`up`, out x r). For a convolution, `A`
+is a conv with the base conv's kernel, stride and padding and r output channels, and `B` is a 1x1 conv, so the update
+is again a conv with kernel `B @ A`. Each wrapped layer (`LoraLayer`) holds several named adapters; `w` is the
+per-adapter weight chosen with `set_adapters`, and a call-time factor (`cross_attention_kwargs={"scale": s}`)
+multiplies all of them.
+
+Every foreign key name is translated here and nowhere else:
+1. kohya / sd-scripts with diffusers module names: `lora_unet_<path with . as _>.lora_down.weight|lora_up.weight|alpha`,
+   `lora_te_<path>` for the text encoder;
+2. kohya with SGM/LDM block names (`input_blocks.4.1`, `middle_block`, `output_blocks`, `in_layers.2`, ...),
+   derived from the UNet config;
+3. PEFT / diffusers: `[unet.|text_encoder.]<path>.lora_A.weight|lora_B.weight` (alpha from `.alpha` keys, else from
+   the file's diffusers metadata, else alpha = rank), and the older diffusers `lora.down/up` and attention-processor
+   (`attn1.processor.to_q_lora.down.weight`) spellings.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcmkit.loading.weights import load_state_dict
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+COMPONENTS = ("unet", "text_encoder")
+METADATA_KEY = "lora_adapter_metadata"  # where diffusers' `save_lora_weights` writes the LoraConfig as JSON
+
+
+def _sample(items: Sequence[str], n: int = 12) -> str:
+    head = ", ".join(items[:n])
+    return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The wrapped layer
+
+
+class _NotSaved(nn.Module):
+    """Adapter tensors by adapter name: moved by `.to()` and seen by `parameters()` (optimizers, DDP), but absent from
+    the model's state dict, so `save_pretrained` writes exactly the original checkpoint keys and strict loading of
+    those keys still works. Stored in `_parameters` directly so that any adapter name (even "train") is allowed."""
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self._parameters[name]
+
+    def __setitem__(self, name: str, value: nn.Parameter) -> None:
+        self._parameters[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._parameters[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parameters
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        pass
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's tensors for one layer: `down` (A), `up` (B) and `alpha` (scale = alpha / rank)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+class LoraLayer(nn.Module):
+    """An `nn.Linear` or `nn.Conv2d` plus named low-rank adapters.
+
+    The base layer's `weight` and `bias` are registered on the wrapper under the same names, so the model's state
+    dict keys do not change; the base module itself is kept outside the module tree (`self.base`) so that unloading
+    can put it back.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d) -> None:
+        super().__init__()
+        if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise ValueError(
+                f"LoRA on a Conv2d needs groups=1 and zero padding; got groups={base.groups}, "
+                f"padding_mode={base.padding_mode!r}"
+            )
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.lora_down = _NotSaved()
+        self.lora_up = _NotSaved()
+        self.register_buffer("original_weight", None, persistent=False)  # set while any adapter is fused
+        self.scales: dict[str, float] = {}  # alpha / r per adapter
+        self.adapter_weights: dict[str, float] = {}  # w per adapter, from set_adapters
+        self.active: list[str] = []
+        self.fused: dict[str, float] = {}  # adapter -> coefficient merged into `weight`
+        self.enabled = True
+        self.call_scale = 1.0  # cross_attention_kwargs["scale"], only during a call
+        object.__setattr__(
+            self, "base", base
+        )  # not a child module: its parameters are registered above instead
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("base")
+            if base is None:
+                raise
+            return getattr(base, name)  # in_features, kernel_size, stride, ...
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base, nn.Conv2d)
+
+    def add_adapter(self, name: str, lora: LoraWeights, trainable: bool = False) -> None:
+        ref = self.weight
+        for store, tensor in ((self.lora_down, lora.down), (self.lora_up, lora.up)):
+            # a copy: the caller's tensors must not change when the adapter is trained or the model is cast
+            copied = tensor.detach().to(ref.device, ref.dtype, copy=True).contiguous()
+            store[name] = nn.Parameter(copied, requires_grad=trainable)
+        self.scales[name] = lora.alpha / lora.rank
+        self.adapter_weights[name] = 1.0
+
+    def remove_adapter(self, name: str) -> None:
+        for store in (self.lora_down, self.lora_up, self.scales, self.adapter_weights):
+            del store[name]
+        self.active = [n for n in self.active if n != name]
+
+    def alpha(self, name: str) -> float:
+        return self.scales[name] * self.lora_down[name].shape[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """`B @ A` in float32 with the base weight's shape (for a conv: kernel[o, i] = sum_r B[o, r] A[r, i])."""
+        down, up = self.lora_down[name].float(), self.lora_up[name].float()
+        if down.ndim == 2:
+            return up @ down
+        return torch.einsum("or,rikl->oikl", up.flatten(1), down)
+
+    def _lora_path(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        down, up = self.lora_down[name], self.lora_up[name]
+        if self.is_conv:
+            b = self.base
+            h = F.conv2d(x, down, None, b.stride, b.padding, b.dilation)
+            return F.conv2d(h, up)
+        return F.linear(F.linear(x, down), up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:
+            out = self.base._conv_forward(x, self.weight, self.bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
+        for name in self.active:
+            if name in self.fused or name not in self.scales:
+                continue
+            coeff = self.adapter_weights[name] * self.scales[name] * self.call_scale
+            if coeff != 0.0:
+                out = out + self._lora_path(x, name) * coeff
+        return out
+
+    def fuse(self, names: Sequence[str], lora_scale: float, safe: bool = False) -> None:
+        """W <- W + lora_scale * sum_i w_i * (alpha_i / r_i) * B_i @ A_i, keeping a copy of W for `unfuse`."""
+        names = [n for n in names if n in self.scales and n not in self.fused]
+        if not names:
+            return
+        coeffs = {n: lora_scale * self.adapter_weights[n] * self.scales[n] for n in names}
+        delta = sum(c * self.delta_weight(n) for n, c in coeffs.items())
+        fused = self.weight.detach().float() + delta
+        if safe and not torch.isfinite(fused).all():
+            raise ValueError(f"fusing LoRA adapters {names} gives non-finite weights; the adapter is broken")
+        if self.original_weight is None:
+            self.original_weight = self.weight.detach().clone()
+        with torch.no_grad():
+            self.weight.copy_(fused.to(self.weight.dtype))
+        self.fused.update(coeffs)
+
+    def unfuse(self) -> None:
+        """Put back the weight saved before the first fuse (exact, not a subtraction)."""
+        if self.original_weight is None:
+            return
+        with torch.no_grad():
+            self.weight.copy_(self.original_weight)
+        self.original_weight = None
+        self.fused = {}
+
+    def unwrap(self) -> nn.Module:
+        """The plain base module, carrying the current weight (fused adapters stay fused, as in diffusers)."""
+        base = self.base
+        base.weight = self.weight
+        base.bias = self.bias
+        return base
+
+    def extra_repr(self) -> str:
+        kind = "Conv2d" if self.is_conv else "Linear"
+        return f"{kind}{tuple(self.weight.shape)}, adapters={list(self.scales)}, active={self.active}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model-level operations (a UNet or a text encoder)
+
+
+def lora_layers(model: nn.Module | None) -> Iterator[tuple[str, LoraLayer]]:
+    if model is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+
+
+def inject_adapter(
+    model: nn.Module, adapter_name: str, layers: Mapping[str, LoraWeights], trainable: bool = False
+) -> None:
+    """Add adapter `adapter_name` to the named `nn.Linear`/`nn.Conv2d` modules of `model`, wrapping them in place.
+
+    Shapes are checked first, so a bad entry leaves the model untouched. `trainable=True` makes the adapter's
+    tensors require grad (the distillation trainer uses this); `lora_parameters` returns them.
+    """
+    check_adapter_name(adapter_name)
+    targets = {}
+    for name, lora in layers.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, (nn.Linear, nn.Conv2d, LoraLayer)):
+            raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, not a Linear or Conv2d")
+        if isinstance(module, LoraLayer) and adapter_name in module.scales:
+            raise ValueError(f"{name!r} already has an adapter named {adapter_name!r}")
+        _check_shapes(name, module, lora)
+        targets[name] = module
+    current = next(
+        (layer for _, layer in lora_layers(model)), None
+    )  # new layers join the model's current state
+    for name, module in targets.items():
+        if not isinstance(module, LoraLayer):
+            module = LoraLayer(module)
+            if current is not None:
+                module.enabled, module.active = current.enabled, list(current.active)
+            _set_submodule(model, name, module)
+        module.add_adapter(adapter_name, layers[name], trainable=trainable)
+
+
+def _expected_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    weight = module.weight
+    if weight.ndim == 4:
+        return (rank, weight.shape[1], *weight.shape[2:]), (weight.shape[0], rank, 1, 1)
+    return (rank, weight.shape[1]), (weight.shape[0], rank)
+
+
+def _check_shapes(name: str, module: nn.Module, lora: LoraWeights) -> None:
+    down_shape, up_shape = _expected_shapes(module, lora.rank)
+    if tuple(lora.down.shape) != down_shape or tuple(lora.up.shape) != up_shape:
+        raise ValueError(
+            f"LoRA for {name!r} has down {tuple(lora.down.shape)} / up {tuple(lora.up.shape)}, but the layer "
+            f"{tuple(module.weight.shape)} needs down {down_shape} / up {up_shape}"
+        )
+
+
+def lora_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """The down and up tensors of one adapter, e.g. for an optimizer."""
+    params = []
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.scales:
+            params += [layer.lora_down[adapter_name], layer.lora_up[adapter_name]]
+    return params
+
+
+def set_active_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float]) -> None:
+    """Make `names` (with per-adapter weights w) the adapters every layer of `model` applies."""
+    for _, layer in lora_layers(model):
+        layer.active = list(names)
+        for name, w in zip(names, weights, strict=True):
+            if name in layer.adapter_weights:
+                layer.adapter_weights[name] = float(w)
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete one adapter; layers left without adapters become their plain base modules again."""
+    for name, layer in list(lora_layers(model)):
+        if adapter_name not in layer.scales:
+            continue
+        if adapter_name in layer.fused:
+            raise ValueError(f"adapter {adapter_name!r} is fused into {name!r}; call unfuse_lora() first")
+        layer.remove_adapter(adapter_name)
+        if not layer.scales:
+            layer.unfuse()
+            _set_submodule(model, name, layer.unwrap())
+
+
+def unload_adapters(model: nn.Module) -> None:
+    """Every LoRA layer back to its plain module. Fused adapters stay in the weights (diffusers does the same)."""
+    for name, layer in list(lora_layers(model)):
+        _set_submodule(model, name, layer.unwrap())
+
+
+@contextmanager
+def scale_lora(model: nn.Module | None, scale: float | None) -> Iterator[None]:
+    """Multiply every adapter of `model` by `scale` inside the block (`cross_attention_kwargs={"scale": s}`)."""
+    layers = [layer for _, layer in lora_layers(model)] if scale is not None and scale != 1.0 else []
+    saved = [layer.call_scale for layer in layers]
+    for layer in layers:
+        layer.call_scale = layer.call_scale * scale
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved, strict=True):
+            layer.call_scale = value
+
+
+def lora_state_dict_kohya(
+    unet: nn.Module, adapter_name: str, prefix: str = "lora_unet_"
+) -> dict[str, torch.Tensor]:
+    """One adapter as a kohya / sd-scripts state dict with diffusers module names (what LCM-LoRA files use):
+    `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`. Tensors are detached CPU copies."""
+    out = {}
+    for name, layer in lora_layers(unet):
+        if adapter_name not in layer.scales:
+            continue
+        key = prefix + name.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = layer.lora_down[adapter_name].detach().cpu().clone()
+        out[f"{key}.lora_up.weight"] = layer.lora_up[adapter_name].detach().cpu().clone()
+        out[f"{key}.alpha"] = torch.tensor(layer.alpha(adapter_name), dtype=torch.float32)
+    if not out:
+        present = sorted({n for _, layer in lora_layers(unet) for n in layer.scales})
+        raise ValueError(f"no adapter named {adapter_name!r} in this model; it has {present}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Key translation: every foreign name is mapped to a module path of our models here
+
+_SGM_RESNET_LEAVES = {
+    "conv1": "in_layers.2",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+    "time_emb_proj": "emb_layers.1",
+}
+_SGM_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_out": "out.2",
+}
+
+
+def sgm_block_names(config: Any) -> dict[str, str]:
+    """diffusers block path -> SGM/LDM block path, for the UNet layout in `config`.
+
+    The LDM UNet numbers its blocks in forward order: `input_blocks.0` is conv_in, then per level one entry per
+    resnet (`.0`, with its transformer as `.1`) and one for the downsampler (`.0.op`); `middle_block.0/1/2` is
+    resnet, transformer, resnet; `output_blocks` has `layers + 1` entries per stage, deepest first, with the
+    upsampler after the resnet and transformer of the stage's last entry.
+    """
+    n = len(config.block_out_channels)
+    blocks = {
+        "mid_block.resnets.0": "middle_block.0",
+        "mid_block.attentions.0": "middle_block.1",
+        "mid_block.resnets.1": "middle_block.2",
+    }
+    i = 0
+    for level in range(n):
+        for j in range(config.layers_per_block[level]):
+            i += 1
+            blocks[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{i}.0"
+            if config.down_attention[level]:
+                blocks[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{i}.1"
+        if level < n - 1:
+            i += 1
+            blocks[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{i}.0.op"
+    i = 0
+    for stage in range(n):
+        has_attention = config.up_attention[stage]
+        for j in range(config.layers_per_block[n - 1 - stage] + 1):
+            blocks[f"up_blocks.{stage}.resnets.{j}"] = f"output_blocks.{i}.0"
+            if has_attention:
+                blocks[f"up_blocks.{stage}.attentions.{j}"] = f"output_blocks.{i}.1"
+            i += 1
+        if stage < n - 1:
+            blocks[f"up_blocks.{stage}.upsamplers.0.conv"] = (
+                f"output_blocks.{i - 1}.{2 if has_attention else 1}.conv"
+            )
+    return blocks
+
+
+def _to_sgm(name: str, blocks: Mapping[str, str]) -> str | None:
+    if name in _SGM_TOP:
+        return _SGM_TOP[name]
+    parts = name.split(".")
+    for k in (5, 4, 3):
+        prefix = ".".join(parts[:k])
+        if prefix not in blocks:
+            continue
+        rest = ".".join(parts[k:])
+        if ".resnets." in f".{prefix}":
+            rest = _SGM_RESNET_LEAVES.get(rest, rest)
+        return f"{blocks[prefix]}.{rest}" if rest else blocks[prefix]
+    return None
+
+
+def _module_names(component: str, model: nn.Module) -> dict[str, str]:
+    """Every name a file may use for a LoRA-able module of `model` (dotted) -> the module's path in `model`."""
+    names = {n: n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, LoraLayer)) and n}
+    if component == "text_encoder":
+        # transformers 5 dropped CLIPTextModel's `text_model.` level; files (and 4.x models) keep it
+        for n in list(names):
+            names.setdefault(
+                n.removeprefix("text_model.") if n.startswith("text_model.") else f"text_model.{n}", n
+            )
+    config = getattr(model, "config", None)
+    if component == "unet" and hasattr(config, "layers_per_block") and hasattr(config, "down_attention"):
+        blocks = sgm_block_names(config)
+        names.update({sgm: n for n in list(names) if (sgm := _to_sgm(n, blocks)) is not None})
+    return names
+
+
+def _underscored(names: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for alias, target in names.items():
+        key = alias.replace(".", "_")
+        if out.get(key, target) != target:
+            raise AssertionError(f"two modules share the kohya name {key}")
+        out[key] = target
+    return out
+
+
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_PEFT = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
+_DIFFUSERS_OLD = re.compile(r"^(?P<module>.+?)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight$")
+_PROCESSOR = re.compile(
+    r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$"
+)
+_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
+_ROLE = {"lora_A": "down", "lora_B": "up", "down": "down", "up": "up"}
+_PROCESSOR_PROJ = {
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+}
+
+
+def _parse_key(key: str) -> tuple[str, str | None, str, str] | None:
+    """(format, component or None, module name as written, role) for one key, or None if it is not a LoRA key."""
+    for prefix, component in _KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            name, _, suffix = key[len(prefix) :].partition(".")
+            return ("kohya", component, name, _KOHYA_ROLES[suffix]) if suffix in _KOHYA_ROLES else None
+    component = None
+    for c in COMPONENTS:
+        if key.startswith(f"{c}."):
+            component, key = c, key[len(c) + 1 :]
+            break
+    if m := _PEFT.match(key) or _DIFFUSERS_OLD.match(key):
+        return "dotted", component, m["module"], _ROLE[m["role"]]
+    if m := _PROCESSOR.match(key):
+        return "processor", component, f"{m['module']}|{m['proj']}", _ROLE[m["role"]]
+    if m := _ALPHA.match(key):
+        return "dotted", component, m["module"], "alpha"
+    return None
+
+
+def _resolve(
+    fmt: str, component: str | None, written: str, lookups: Mapping[str, Mapping[str, Mapping[str, str]]]
+) -> tuple[str, str] | None:
+    """(component, module path) that a key's module name refers to, or None."""
+    candidates = [component] if component else [c for c in COMPONENTS if c in lookups]
+    for c in candidates:
+        if c not in lookups:
+            continue
+        if fmt == "kohya":
+            target = lookups[c]["kohya"].get(written)
+        elif fmt == "processor":
+            module, proj = written.split("|")
+            target = lookups[c]["dotted"].get(f"{module}.{_PROCESSOR_PROJ[c][proj]}")
+        else:
+            target = lookups[c]["dotted"].get(written)
+        if target is not None:
+            return c, target
+    return None
+
+
+def _metadata_alpha(metadata: Mapping[str, Any] | None, component: str, written: str) -> float | None:
+    """alpha for one module from diffusers' saved LoraConfig (`lora_alpha`, `alpha_pattern`), if there is one."""
+    if not metadata:
+        return None
+    scoped = {k[len(component) + 1 :]: v for k, v in metadata.items() if k.startswith(f"{component}.")}
+    if not scoped and not any(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in metadata):
+        scoped = dict(metadata)
+    if scoped.get("use_dora"):
+        raise ValueError("DoRA adapters (use_dora=True in the file's metadata) are not supported")
+    if scoped.get("use_rslora"):
+        raise ValueError("rank-stabilised LoRA (use_rslora=True in the file's metadata) is not supported")
+    for pattern, alpha in (scoped.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", written):  # PEFT's rule: the pattern matches a dotted suffix
+            return float(alpha)
+    alpha = scoped.get("lora_alpha")
+    return float(alpha) if alpha is not None else None
+
+
+def split_lora_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    models: Mapping[str, nn.Module],
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, LoraWeights]]:
+    """Translate a LoRA state dict (any supported format) to {component: {module path: LoraWeights}}.
+
+    Raises ValueError naming every key that is not a LoRA key, or names no module of the given models, and
+    every module that lacks its down or up tensor. The input is not modified.
+    """
+    lookups = {}
+    for component, model in models.items():
+        dotted = _module_names(component, model)
+        lookups[component] = {"dotted": dotted, "kohya": _underscored(dotted)}
+    grouped: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    written_names: dict[tuple[str, str], str] = {}
+    unknown, unmatched = [], []
+    for key, tensor in state_dict.items():
+        parsed = _parse_key(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        fmt, component, written, role = parsed
+        target = _resolve(fmt, component, written, lookups)
+        if target is None:
+            unmatched.append(key)
+            continue
+        grouped.setdefault(target, {})[role] = (key, tensor)
+        written_names[target] = written
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} keys are not LoRA weights of a known format: {_sample(unknown)}")
+    if unmatched:
+        problems.append(
+            f"{len(unmatched)} keys name no Linear/Conv2d module of {sorted(models)}: {_sample(unmatched)}"
+        )
+    out: dict[str, dict[str, LoraWeights]] = {}
+    for (component, module), parts in grouped.items():
+        if "down" not in parts or "up" not in parts:
+            have = ", ".join(key for key, _ in parts.values())
+            problems.append(f"{component}.{module} needs both down and up weights; the file has only {have}")
+            continue
+        down, up = parts["down"][1], parts["up"][1]
+        down, up = _match_layout(models[component].get_submodule(module), down, up)
+        if "alpha" in parts:
+            alpha = float(parts["alpha"][1])
+        else:
+            alpha = _metadata_alpha(metadata, component, written_names[(component, module)])
+        out.setdefault(component, {})[module] = LoraWeights(
+            down, up, alpha if alpha is not None else float(down.shape[0])
+        )
+    if problems:
+        raise ValueError("cannot load this LoRA: " + "; ".join(problems))
+    return out
+
+
+def _match_layout(
+    module: nn.Module, down: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Files store 1x1-conv LoRAs as 2-D or 4-D; give each the layout of the layer it lands on."""
+    if module.weight.ndim == 4 and module.weight.shape[2:] == (1, 1) and down.ndim == 2 and up.ndim == 2:
+        return down[:, :, None, None], up[:, :, None, None]
+    if module.weight.ndim == 2 and down.ndim == 4 and down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
+        return down.flatten(1), up.flatten(1)
+    return down, up
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _read_metadata(path: Path) -> dict[str, Any] | None:
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def find_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
+    """A LoRA file: `path` itself, or in folder `path` the `weight_name`, the diffusers default name, or the
+    folder's only `.safetensors` file."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"LoRA weights not found: {path} is neither a file nor a folder (hub ids are not fetched here; "
+            "download the file and pass its path)"
+        )
+    names = [weight_name] if weight_name else list(LORA_WEIGHT_NAMES)
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if weight_name is None and len(found) == 1:
+        return path / found[0]
+    raise FileNotFoundError(
+        f"no LoRA file {names} in {path}; it holds {found or 'no .safetensors files'} (pass weight_name=...)"
+    )
+
+
+def read_lora(
+    source: str | Path | Mapping[str, torch.Tensor],
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, diffusers LoRA metadata or None). A passed-in dict is shallow-copied, never modified."""
+    if isinstance(source, Mapping):
+        return dict(source), dict(metadata) if metadata else None
+    folder = Path(source) / subfolder if subfolder else Path(source)
+    path = find_lora_file(folder, weight_name)
+    return load_state_dict(path), dict(metadata) if metadata else _read_metadata(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipeline mixin
+
 
 class LoraLoaderMixin:
-    """Pipeline methods for LoRA: load, weight, fuse, unfuse, unload."""
+    """Pipeline methods for LoRA: load, weight, fuse, unfuse, unload (diffusers' `StableDiffusionLoraLoaderMixin`).
+
+    The UNet honours `cross_attention_kwargs={"scale": s}`; for the text encoder wrap prompt encoding in
+    `scale_lora(self.text_encoder, s)`.
+    """
+
+    _lora_loadable_modules = COMPONENTS
+
+    def _lora_models(self, components: Sequence[str] = COMPONENTS) -> dict[str, nn.Module]:
+        if isinstance(components, str):
+            components = [components]
+        bad = [c for c in components if c not in COMPONENTS]
+        if bad:
+            raise ValueError(f"unknown LoRA components {bad}; allowed: {list(COMPONENTS)}")
+        return {c: m for c in components if isinstance(m := getattr(self, c, None), nn.Module)}
+
+    def _check_loaded(self, names: Sequence[str], action: str) -> None:
+        present = {n for per in self.get_list_adapters().values() for n in per}
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise ValueError(
+                f"cannot {action} adapters {missing}: not loaded; loaded adapters: {sorted(present)}"
+            )
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | Path | Mapping[str, torch.Tensor],
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add a LoRA (kohya, SGM-named kohya or PEFT/diffusers file, or a state dict) as adapter `adapter_name`.
+
+        The new adapter becomes the only active one, as in diffusers; combine adapters with `set_adapters`.
+        """
+        subfolder = kwargs.pop("subfolder", None)
+        metadata = kwargs.pop("metadata", None)
+        if kwargs.pop("hotswap", False):
+            raise ValueError("hotswap=True is not supported; delete_adapters() and load again")
+        for ignored in ("low_cpu_mem_usage", "local_files_only", "use_safetensors"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"load_lora_weights got unexpected keyword arguments {sorted(kwargs)}")
+        models = self._lora_models()
+        existing = {n for names in self.get_list_adapters().values() for n in names}
+        if adapter_name is None:
+            i = len(existing)
+            while f"default_{i}" in existing:
+                i += 1
+            adapter_name = f"default_{i}"
+        check_adapter_name(adapter_name)
+        if adapter_name in existing:
+            raise ValueError(
+                f"adapter name {adapter_name!r} is already in use; loaded adapters: {sorted(existing)}"
+            )
+        state_dict, meta = read_lora(pretrained_model_name_or_path_or_dict, weight_name, subfolder, metadata)
+        per_component = split_lora_state_dict(state_dict, models, meta)
+        if not per_component:
+            raise ValueError("the LoRA state dict is empty: no weights to load")
+        for component, layers in per_component.items():
+            inject_adapter(models[component], adapter_name, layers)
+            set_active_adapters(models[component], [adapter_name], [1.0])
+        logger.info(
+            "loaded LoRA %r: %s",
+            adapter_name,
+            ", ".join(f"{len(layers)} {c} layers" for c, layers in per_component.items()),
+        )
+
+    def set_adapters(
+        self,
+        adapter_names: str | Sequence[str],
+        adapter_weights: float | Mapping[str, float] | Sequence[float | Mapping[str, float]] | None = None,
+    ) -> None:
+        """Activate `adapter_names` with weights w (a number each, or {"unet": w, "text_encoder": w})."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None or not isinstance(adapter_weights, Sequence):
+            adapter_weights = [1.0 if adapter_weights is None else adapter_weights] * len(names)
+        weights = list(adapter_weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
+        self._check_loaded(names, "activate")
+        listed = self.get_list_adapters()
+        for component, model in self._lora_models().items():
+            chosen, ws = [], []
+            for name, w in zip(names, weights, strict=True):
+                if isinstance(w, Mapping):
+                    bad = [k for k in w if k not in COMPONENTS]
+                    if bad:
+                        raise ValueError(
+                            f"adapter weight keys {bad} are not supported; use a number or a dict with keys "
+                            f"{list(COMPONENTS)} (per-block weights are not implemented)"
+                        )
+                    w = w.get(component, 1.0)
+                if name in listed.get(component, []):
+                    chosen.append(name)
+                    ws.append(float(w))
+            set_active_adapters(model, chosen, ws)
+
+    def get_active_adapters(self) -> list[str]:
+        """Adapters in effect in any component, in activation order."""
+        active: list[str] = []
+        for model in self._lora_models().values():
+            layer = next((layer for _, layer in lora_layers(model)), None)
+            if layer is not None:
+                active += [n for n in layer.active if n not in active]
+        return active
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """{component: loaded adapter names}, only for components that hold any."""
+        out = {}
+        for component, model in self._lora_models().items():
+            names: list[str] = []
+            for _, layer in lora_layers(model):
+                names += [n for n in layer.scales if n not in names]
+            if names:
+                out[component] = names
+        return out
+
+    def disable_lora(self) -> None:
+        """Run without any adapter (fused adapters are unfused first, as PEFT does)."""
+        for model in self._lora_models().values():
+            for _, layer in lora_layers(model):
+                if layer.fused:
+                    logger.info("disable_lora(): unfusing %s", sorted(layer.fused))
+                    layer.unfuse()
+                layer.enabled = False
+
+    def enable_lora(self) -> None:
+        for model in self._lora_models().values():
+            for _, layer in lora_layers(model):
+                layer.enabled = True
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_loaded(names, "delete")
+        for model in self._lora_models().values():
+            for name in names:
+                remove_adapter(model, name)
+
+    def fuse_lora(
+        self,
+        components: Sequence[str] = COMPONENTS,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: Sequence[str] | None = None,
+    ) -> None:
+        """Merge adapters into the weights: W <- W + lora_scale * sum_i w_i * (alpha_i / r_i) * B_i @ A_i.
+
+        `adapter_names=None` fuses the active adapters. Unlike diffusers, `lora_scale` does not stay applied to the
+        adapters after `unfuse_lora()`.
+        """
+        if isinstance(components, (int, float)):
+            raise TypeError("fuse_lora's first argument is `components`; pass the scale as lora_scale=...")
+        if adapter_names is not None:
+            adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            self._check_loaded(adapter_names, "fuse")
+        for model in self._lora_models(components).values():
+            for _, layer in lora_layers(model):
+                if layer.enabled:
+                    layer.fuse(
+                        adapter_names if adapter_names is not None else layer.active, lora_scale, safe_fusing
+                    )
+
+    def unfuse_lora(self, components: Sequence[str] = COMPONENTS) -> None:
+        """Restore the weights saved before fusing, exactly."""
+        for model in self._lora_models(components).values():
+            for _, layer in lora_layers(model):
+                layer.unfuse()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter and put the plain modules back (weights fused before stay fused)."""
+        for model in self._lora_models().values():
+            unload_adapters(model)
+
+    @property
+    def fused_loras(self) -> set[str]:
+        return {
+            n
+            for model in self._lora_models().values()
+            for _, layer in lora_layers(model)
+            for n in layer.fused
+        }
+
+    @property
+    def num_fused_loras(self) -> int:
+        return len(self.fused_loras)

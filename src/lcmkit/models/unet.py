@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcmkit.config import ConfigError, UNetConfig
+from lcmkit.loading.lora import scale_lora
 from lcmkit.models.base import ModelMixin
 from lcmkit.nn import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_features
 from lcmkit.nn.freeu import apply_freeu
@@ -266,10 +267,19 @@ class UNet2DConditionModel(ModelMixin):
         """Predict the model output for latents `sample` (B, C, H, W) at `timestep`.
 
         `encoder_hidden_states` (B, L, cross_attention_dim) are the text embeddings; `timestep_cond`
-        (B, time_cond_proj_dim) is the LCM guidance embedding. `cross_attention_kwargs` is accepted for
-        diffusers compatibility and ignored for now. H and W need not be multiples of 2**(levels-1).
+        (B, time_cond_proj_dim) is the LCM guidance embedding. Of `cross_attention_kwargs` only `"scale"` is
+        read: it multiplies every LoRA adapter for this call. H and W need not be multiples of 2**(levels-1).
         """
-        del cross_attention_kwargs  # LoRA scale support comes later
+        lora_scale = (cross_attention_kwargs or {}).get("scale", 1.0)
+        if lora_scale != 1.0:
+            with scale_lora(self, lora_scale):
+                return self.forward(
+                    sample,
+                    timestep,
+                    encoder_hidden_states,
+                    timestep_cond=timestep_cond,
+                    return_dict=return_dict,
+                )
         temb = self.time_features(sample, timestep, timestep_cond)
         context = encoder_hidden_states
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lcmkit.loading.folders import load_components, save_components
 from lcmkit.loading.hub import resolve_pretrained
-from lcmkit.loading.lora import LoraLoaderMixin
+from lcmkit.loading.lora import LoraLoaderMixin, scale_lora
 from lcmkit.loading.single_file import FromSingleFileMixin
 from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
 from lcmkit.models.safety import run_safety_checker
@@ -299,19 +299,21 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         num_images_per_prompt: int = 1,
         prompt_embeds: torch.Tensor | None = None,
         clip_skip: int | None = None,
+        lora_scale: float | None = None,
     ) -> torch.Tensor:
-        """CLIP text embeddings for the prompt(s), repeated per image."""
-        return encode_prompt(
-            prompt,
-            self.tokenizer,
-            self.text_encoder,
-            device,
-            num_images_per_prompt=num_images_per_prompt,
-            prompt_embeds=prompt_embeds,
-            clip_skip=clip_skip,
-            dtype=self._text_dtype(),
-            prompt_transform=self._prompt_transform(),
-        )
+        """CLIP text embeddings for the prompt(s), repeated per image; text-encoder LoRA scaled by `lora_scale`."""
+        with scale_lora(self.text_encoder, lora_scale):
+            return encode_prompt(
+                prompt,
+                self.tokenizer,
+                self.text_encoder,
+                device,
+                num_images_per_prompt=num_images_per_prompt,
+                prompt_embeds=prompt_embeds,
+                clip_skip=clip_skip,
+                dtype=self._text_dtype(),
+                prompt_transform=self._prompt_transform(),
+            )
 
     def encode_negative_prompt(
         self,
@@ -369,7 +371,10 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
             negative_prompt = [
                 negative_prompt
             ] * batch  # one negative for every prompt (diffusers raises here)
-        embeds = self.encode_prompt(prompt, device, num_images_per_prompt, prompt_embeds, clip_skip)
+        lora_scale = (self._cross_attention_kwargs or {}).get("scale")
+        embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, prompt_embeds, clip_skip, lora_scale
+        )
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
         w_embedding = None
         if self.unet.config.time_cond_proj_dim is not None:
@@ -386,9 +391,10 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
                     cfg_scale,
                 )
             return Conditioning(embeds, None, w_embedding, 1.0)
-        negative = self.encode_negative_prompt(
-            negative_prompt, batch, device, num_images_per_prompt, negative_prompt_embeds, prompt
-        )
+        with scale_lora(self.text_encoder, lora_scale):
+            negative = self.encode_negative_prompt(
+                negative_prompt, batch, device, num_images_per_prompt, negative_prompt_embeds, prompt
+            )
         return Conditioning(embeds, negative, w_embedding, cfg_scale)
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, state: dict, cfg_scale: float) -> torch.Tensor:
