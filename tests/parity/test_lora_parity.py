@@ -390,3 +390,29 @@ def _sd15_sgm_key(key: str) -> str:
                 rest = _SD15_RESNET_LEAVES[rest]
             return f"lora_unet_{ldm}{'_' + rest if rest else ''}.{suffix}"
     raise AssertionError(f"no LDM block for {key}")
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_lcm_lora_on_plain_sd_unet_with_cfg_and_negative_prompt(tiny_folders, fuse):
+    """The LCM-LoRA recipe: an SD UNet without w-embedding + a kohya LoRA, guidance 1.5 and a negative prompt.
+    lcmkit's LCM pipeline equals diffusers' StableDiffusionPipeline with an LCMScheduler on the same weights."""
+    import diffusers
+
+    import lcmkit
+
+    folder = tiny_folders["sd15_plain"]
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    lora = kohya(random_lora(unet, UNET_TARGETS, seed=5), "lora_unet_", alpha=2.0)
+    ours = lcmkit.LatentConsistencyModelPipeline.from_pretrained(folder)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(dict(lora), adapter_name="lcm")
+        if fuse:
+            pipe.fuse_lora()
+    kwargs = dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt="blurry", output_type="np")
+    a = ours(PROMPT, generator=torch.Generator().manual_seed(7), **kwargs).images
+    b = ref(PROMPT, generator=torch.Generator().manual_seed(7), **kwargs).images
+    assert max_diff(a, b) <= TOL
