@@ -54,7 +54,8 @@ def test_lcm_lora_style_cfg_matches_sd_pipeline(plain, kwargs):
     gens = [gen(10 + i) for i in range(n)]
     a = ours(PROMPTS, num_inference_steps=4, generator=gens, output_type="np", **kwargs).images
     gens = [gen(10 + i) for i in range(n)]
-    if isinstance(kwargs.get("negative_prompt"), str):  # we broadcast one negative string; diffusers wants a list
+    # we broadcast one negative string over the prompts; diffusers wants a list
+    if isinstance(kwargs.get("negative_prompt"), str):
         kwargs = {**kwargs, "negative_prompt": [kwargs["negative_prompt"]] * len(PROMPTS)}
     b = ref(PROMPTS, num_inference_steps=4, generator=gens, output_type="np", **kwargs).images
     assert a.shape == b.shape == (n, 32, 32, 3)

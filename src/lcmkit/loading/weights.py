@@ -35,7 +35,8 @@ def find_weights_file(folder: str | Path, variant: str | None = None) -> Path:
     for name in candidates:
         if (folder / name).is_file():
             return folder / name
-    if variant:  # as diffusers: a component without the variant (often the safety checker) uses its default weights
+    # as diffusers: a component without the variant (often the safety checker) uses its default weights
+    if variant:
         for name in SAFETENSORS_NAMES + PICKLE_NAMES:
             if (folder / name).is_file():
                 logger.warning("%s has no %r weights; loading %s instead", folder, variant, name)
