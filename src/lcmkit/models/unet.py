@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcmkit.config import ConfigError, UNetConfig
-from lcmkit.loading.lora import scale_lora
 from lcmkit.models.base import ModelMixin
 from lcmkit.nn import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_features
 from lcmkit.nn.freeu import apply_freeu
+from lcmkit.nn.lora import scale_lora
 from lcmkit.nn.transformer import SpatialTransformer
 
 logger = logging.getLogger(__name__)
