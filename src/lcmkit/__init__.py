@@ -17,6 +17,8 @@ _EXPORTS = {
     "LCMScheduler": "lcmkit.schedulers.lcm",
     "UNet2DConditionModel": "lcmkit.models.unet",
     "AutoencoderKL": "lcmkit.models.vae",
+    "AutoencoderTiny": "lcmkit.models.tiny_vae",
+    "TinyVAEConfig": "lcmkit.models.tiny_vae",
     "SafetyChecker": "lcmkit.models.safety",
     "UNetConfig": "lcmkit.config",
     "VAEConfig": "lcmkit.config",

@@ -67,8 +67,14 @@ def _load_one(
 
         return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
     if name == "vae":
+        if cls_name == "AutoencoderTiny":
+            from lcmkit.models.tiny_vae import AutoencoderTiny
+
+            return AutoencoderTiny.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
         if cls_name != "AutoencoderKL":
-            raise PipelineFolderError(f"vae class {cls_name!r} is not supported (supported: 'AutoencoderKL')")
+            raise PipelineFolderError(
+                f"vae class {cls_name!r} is not supported (supported: 'AutoencoderKL', 'AutoencoderTiny')"
+            )
         from lcmkit.models.vae import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
@@ -149,6 +155,8 @@ def save_components(
         if component is None:
             index[name] = [None, None]
             continue
+        if name == "vae":  # AutoencoderKL or AutoencoderTiny: our class names are the diffusers ones
+            cls_name = type(component).__name__
         index[name] = [library, cls_name]
         # our models write diffusers configs; the transformers objects' own format is the diffusers format
         component.save_pretrained(path / name)

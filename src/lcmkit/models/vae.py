@@ -146,7 +146,8 @@ class UpDecoderBlock(nn.Module):
             )
             for i in range(layers)
         )
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+        # sub-pixel form: the same function as nearest 2x + conv up to float rounding, 16 instead of 36 MACs
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, subpixel=True)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -325,6 +326,19 @@ class AutoencoderKL(ModelMixin):
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
+
+    def enable_subpixel_upsampling(self) -> None:
+        """Run the decoder's upsampling convs in sub-pixel form (the default): same images up to float rounding
+        (about 1e-6), about 0.39 of the SD decoder's 2.5 TFLOP at 512² saved."""
+        for module in self.decoder.modules():
+            if isinstance(module, Upsample2D):
+                module.subpixel = True
+
+    def disable_subpixel_upsampling(self) -> None:
+        """Upsample exactly as the reference does (nearest 2x, then the 3x3 conv)."""
+        for module in self.decoder.modules():
+            if isinstance(module, Upsample2D):
+                module.subpixel = False
 
     def blend_v(self, a: torch.Tensor, b: torch.Tensor, blend_extent: int) -> torch.Tensor:
         """Blend the bottom of tile `a` into the top of tile `b` (the tile below it); modifies `b` in place."""

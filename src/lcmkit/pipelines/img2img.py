@@ -23,6 +23,14 @@ logger = logging.getLogger(__name__)
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
 
+def _posterior_latents(encoded: Any, generator: torch.Generator | None) -> torch.Tensor:
+    """z0 from either VAE: a sample of q(z|x) (AutoencoderKL), or the deterministic latents (AutoencoderTiny, which
+    draws no random numbers, as in the reference)."""
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.sample(generator)
+    return encoded.latents
+
+
 class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
     """Re-imagine an input image under a prompt in 1-8 steps."""
 
@@ -57,13 +65,13 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
                     image = torch.cat([image] * (batch // image.shape[0]), dim=0)
                 z0 = torch.cat(
                     [
-                        self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i])
+                        _posterior_latents(self.vae.encode(image[i : i + 1]), generator[i])
                         for i in range(batch)
                     ],
                     dim=0,
                 )
             else:
-                z0 = self.vae.encode(image).latent_dist.sample(generator)
+                z0 = _posterior_latents(self.vae.encode(image), generator)
             z0 = self.vae.config.scaling_factor * z0
         if z0.shape[0] < batch:
             if batch % z0.shape[0]:

@@ -1,0 +1,77 @@
+"""The sub-pixel form of "nearest 2x upsample, then 3x3 conv" equals the plain path.
+
+Reference: `F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), W, b, padding=1)`, which is what
+`Upsample2D` (and diffusers' `Upsample2D`) computes. Tolerance 1e-5 absolute in float32 with conv-initialised
+weights (outputs of order 1), on odd and even sizes down to 1x1, with and without bias; the kernels are also
+checked tap by tap against the merge rule, so a wrong phase order or offset cannot hide behind a tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcmkit.nn.fast_upsample import nearest2x_conv3x3, subpixel_kernels
+
+
+def _plain(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
+
+
+@pytest.mark.parametrize(
+    "batch, c_in, c_out, h, w",
+    [(1, 3, 5, 1, 1), (2, 4, 4, 5, 7), (1, 8, 6, 8, 8), (3, 16, 12, 9, 4), (1, 32, 32, 13, 11)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_nearest_upsample_then_conv(batch, c_in, c_out, h, w, bias):
+    g = torch.Generator().manual_seed(h * 31 + w)
+    torch.manual_seed(c_in + c_out)
+    conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
+    x = torch.randn(batch, c_in, h, w, generator=g)
+    with torch.no_grad():
+        expected = _plain(x, conv)
+        actual = nearest2x_conv3x3(x, conv.weight, conv.bias)
+    assert actual.shape == (batch, c_out, 2 * h, 2 * w)
+    assert expected.abs().max() > 0.1  # the comparison is not between near-zero tensors
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_precomputed_kernels_and_non_contiguous_input():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1)
+    x = torch.randn(2, 9, 6, 6)[:, 1:7].transpose(2, 3)  # channel slice and transposed: not contiguous
+    with torch.no_grad():
+        kernels = subpixel_kernels(conv.weight)
+        torch.testing.assert_close(
+            nearest2x_conv3x3(x, conv.weight, conv.bias, kernels=kernels), _plain(x, conv), atol=1e-5, rtol=0
+        )
+
+
+def test_kernels_follow_the_merge_rule():
+    """K_ab[p, q] = sum of W[k, l] over the taps k (l) that land on input row p (column q) for phase a (b)."""
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    k = subpixel_kernels(w).view(2, 2, 3, 2, 2, 2)
+    rows = {0: ([0], [1, 2]), 1: ([0, 1], [2])}
+    for a in (0, 1):
+        for b in (0, 1):
+            for p in (0, 1):
+                for q in (0, 1):
+                    expected = w[:, :, rows[a][p]][:, :, :, rows[b][q]].sum(dim=(2, 3))
+                    torch.testing.assert_close(k[a, b, :, :, p, q], expected, atol=1e-12, rtol=0)
+
+
+def test_half_precision_kernels_are_rounded_once():
+    w = torch.randn(4, 4, 3, 3)
+    half = subpixel_kernels(w.half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half, subpixel_kernels(w.half().float()).half(), atol=0, rtol=0)
+
+
+def test_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="3x3 conv weights"):
+        subpixel_kernels(torch.zeros(4, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+        nearest2x_conv3x3(torch.zeros(4, 8, 8), torch.zeros(4, 4, 3, 3))
+    with pytest.raises(ValueError, match="do not fit"):
+        nearest2x_conv3x3(torch.zeros(1, 4, 8, 8), torch.zeros(4, 4, 3, 3), kernels=torch.zeros(16, 3, 2, 2))
