@@ -21,6 +21,8 @@ import logging
 import zipfile
 from pathlib import Path
 
+from lcmkit.tiny import bytes_to_unicode
+
 logger = logging.getLogger("make_clip_tokenizer")
 
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
@@ -85,23 +87,6 @@ Ludwig Schmidt
 
 # (prompt, ids) checked after writing; ids from OpenAI CLIP's tokenizer.
 KNOWN_IDS = [("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407])]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable character, the reversible table of GPT-2/CLIP byte-level BPE (256 entries)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    # Insertion order matters: the vocabulary lists the printable bytes first, then the rest.
-    table = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)  # unprintable bytes get characters past Latin-1, in byte order
-            n += 1
-    return table
 
 
 def read_bpe_lines(source: Path) -> list[str]:

@@ -29,27 +29,27 @@ TINY_UNET = UNetConfig(
 TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
 
 
-def _byte_chars() -> list[str]:
-    """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            chars.append(256 + n)
-            n += 1
-    return [chr(c) for c in chars]
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable character: the reversible table of GPT-2/CLIP byte-level BPE (256 entries).
+
+    Printable bytes map to themselves and come first (the vocabulary's order); the rest map past Latin-1.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
 
 
 def write_char_clip_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
     """Write vocab.json / merges.txt / configs of a character-level CLIP tokenizer (514 tokens) to `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_chars()
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n")
@@ -73,14 +73,13 @@ def build_tiny_lcm(folder: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lcmkit.loading.folders import save_components
+    from lcmkit.models.text import load_tokenizer
     from lcmkit.models.unet import UNet2DConditionModel
     from lcmkit.models.vae import AutoencoderKL
     from lcmkit.schedulers import LCMScheduler
 
     folder = Path(folder)
     write_char_clip_tokenizer(folder / "tokenizer")
-    from lcmkit.models.text import load_tokenizer
-
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

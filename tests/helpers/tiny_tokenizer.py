@@ -16,6 +16,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from lcmkit.tiny import bytes_to_unicode
+
 BOS, PAD, EOS = "<|startoftext|>", "<|pad|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 MODEL_MAX_LENGTH = 77
@@ -28,20 +30,6 @@ WORDS = (
     "high", "quality", "detailed", "beautiful", "landscape", "mountain", "lake", "sunset", "forest",
     "red", "blue", "green", "white", "black",
 )  # fmt: skip
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable unicode character table (256 entries)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 def build_vocab_and_merges(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
