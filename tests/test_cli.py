@@ -106,6 +106,25 @@ def test_negative_prompt_and_switches_reach_the_pipeline(model, tmp_path, capsys
     assert lines[:2] == ["a house", "Negative prompt: blurry"] and fields["Seed"] == "3"
 
 
+def test_tiny_vae_fast_mode(model, tmp_path, capsys):
+    """--tiny-vae decodes with an AutoencoderTiny folder (random weights here: this checks the wiring)."""
+    import torch
+
+    from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
+
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        TinyVAEConfig(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
+    ).save_pretrained(tmp_path / "taesd")
+    argv = ["generate", "a red circle", "--model", str(model), "--out", str(tmp_path / "o"), "--steps", "1",
+            "--seed", "3", "--tiny-vae", str(tmp_path / "taesd"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    with PIL.Image.open(capsys.readouterr().out.split()[0]) as im:
+        assert im.size == (128, 128)  # 16x16 latents, and this tiny VAE upsamples 8x (the model's own VAE: 2x)
+    assert main([*argv[:-3], "--tiny-vae", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert "--tiny-vae" in capsys.readouterr().err
+
+
 def test_batch_text_file(model, tmp_path, capsys):
     """One prompt per line (blank lines and # comments skipped), each with the command-line options; a batch bar."""
     prompts = tmp_path / "prompts.txt"
@@ -342,12 +361,15 @@ def test_serve_passes_its_arguments(monkeypatch, tmp_path):
     assert main(argv) == 0
     assert seen[-1] == (
         ("owner/name",),
-        dict(host="0.0.0.0", port=9000, api_key="k", device=None, max_steps=8, queue_size=2),
+        dict(host="0.0.0.0", port=9000, api_key="k", device=None, tiny_vae=None, max_steps=8, queue_size=2),
     )
     monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "not-shipped-yet")
     monkeypatch.setenv("LCMKIT_API_KEY", "from-env")
     assert main(["serve"]) == 0
-    assert seen[-1] == ((None,), dict(host="127.0.0.1", port=7860, api_key="from-env", device=None))
+    assert seen[-1] == (
+        (None,),
+        dict(host="127.0.0.1", port=7860, api_key="from-env", device=None, tiny_vae=None),
+    )
 
 
 def test_help_and_entry_points(capsys):

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--freeu", nargs="?", const=FREEU_SD15, type=_arg(parse_freeu), metavar="S1,S2,B1,B2",
         help="enable FreeU; without values the SD1.5 ones 0.9,0.2,1.5,1.6")  # fmt: skip
     add("--vae-tiling", action="store_true", help="decode in tiles (large images, less memory)")
+    add(
+        "--tiny-vae",
+        metavar="FOLDER",
+        help="fast mode: decode with a tiny VAE (AutoencoderTiny / TAESD folder)",
+    )
     gen = argparse.ArgumentParser(add_help=False)
     add = gen.add_argument
     add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps (default 4)")
@@ -145,11 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, help="the input image (also the default image of a --prompts batch)")
     p.add_argument("prompt", nargs="?", help="the prompt (leave out with --prompts)")
     p = sub.add_parser("demo", parents=[common, gen], help="offline smoke run on a tiny RANDOM model (noise)")
-    p.set_defaults(model=None, lora=[], freeu=None, vae_tiling=False, strength=0.8, prompts=None)
+    p.set_defaults(
+        model=None, lora=[], freeu=None, vae_tiling=False, tiny_vae=None, strength=0.8, prompts=None
+    )
     p = sub.add_parser("serve", parents=[common, model], help="the HTTP server and web page")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=_arg(parse_int, "--port", 1, 65535), default=7860)
     p.add_argument("--device", help="cuda, cpu, ...; default: the server's choice")
+    p.add_argument(
+        "--tiny-vae", metavar="FOLDER", help="fast mode: decode with a tiny VAE (AutoencoderTiny folder)"
+    )
     p.add_argument("--api-key", default=None, help="require this key; default: $LCMKIT_API_KEY if set")
     p.add_argument("--limit", action="append", default=[], type=_arg(parse_limit), metavar="NAME=VALUE",
                    help="a server limit such as max_steps=8; repeatable")  # fmt: skip
@@ -262,6 +272,15 @@ def _quiet_transformers(debug: bool) -> None:
         transformers.logging.set_verbosity_error()
 
 
+def load_tiny_vae(folder: str, dtype: Any) -> Any:
+    """An `AutoencoderTiny` folder (TAESD layout) to decode with, in the pipeline's dtype."""
+    if not Path(folder).is_dir():
+        raise CliError(f"--tiny-vae {folder}: not a folder (pass an AutoencoderTiny folder with config.json)")
+    from lcmkit.models.tiny_vae import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)
+
+
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
     """The pipeline with its LoRAs and switches applied, and the model name written into the infotext."""
     model = resolve_model(args.model)
@@ -281,6 +300,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
         pipe = LatentConsistencyModelPipeline.from_pretrained(str(path) if path.exists() else model)
         name = path.name if path.exists() else model
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    if args.tiny_vae:
+        pipe.vae = load_tiny_vae(args.tiny_vae, pipe.dtype)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.freeu:
@@ -374,7 +395,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model = args.model or (str(DEFAULT_MODEL) if DEFAULT_MODEL.is_dir() else None)  # None: the server's demo
     key = args.api_key or os.environ.get("LCMKIT_API_KEY") or None
-    server.serve(model, host=args.host, port=args.port, api_key=key, device=args.device, **dict(args.limit))
+    server.serve(
+        model,
+        host=args.host,
+        port=args.port,
+        api_key=key,
+        device=args.device,
+        tiny_vae=args.tiny_vae,
+        **dict(args.limit),
+    )
     return 0
 
 

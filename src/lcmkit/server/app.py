@@ -295,12 +295,14 @@ def serve(
     port: int = 7860,
     api_key: str | None = None,
     device: str | None = None,
+    tiny_vae: str | None = None,
     **limits: Any,
 ) -> None:
     """Load `model` (a diffusers-layout folder or hub id; None builds the tiny random demo model) and serve it.
 
     `api_key` falls back to the environment variable LCMKIT_API_KEY. `limits` are `Settings` fields
     (max_width, max_steps, queue_size, ...). On CUDA the model runs in float16, elsewhere in float32.
+    `tiny_vae` is an AutoencoderTiny (TAESD layout) folder to decode with (fast mode).
     """
     import torch
     import uvicorn
@@ -325,7 +327,12 @@ def serve(
         settings.model_name = model_name
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        pipe = LatentConsistencyModelPipeline.from_pretrained(model_path, torch_dtype=dtype).to(device)
+        pipe = LatentConsistencyModelPipeline.from_pretrained(model_path, torch_dtype=dtype)
+        if tiny_vae:
+            from lcmkit.models.tiny_vae import AutoencoderTiny
+
+            pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae, torch_dtype=dtype)
+        pipe.to(device)
         if not _is_loopback(host) and not api_key:
             logger.warning(
                 "serving on %s without an API key: anyone who can reach this port can generate", host
