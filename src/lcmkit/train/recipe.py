@@ -1,0 +1,238 @@
+"""The whole tiny-LCM recipe: VAE -> teacher -> latent consistency distillation -> an LCM folder, timed per stage.
+
+`scripts/train_tiny.py` is its command line. Layout under `out/`:
+
+    vae/  teacher/  lcm/         the three results (a VAE folder, a teacher folder, the LCM pipeline folder)
+    work/{vae,teacher,distill}/  checkpoints, loss CSV + PNG, configs of each stage
+    times.json                   seconds per stage, steps, device, world size
+    samples.png                  LCM samples (1, 2, 4 steps) for a few captions
+
+With `resume=True` a finished stage (its result folder exists) is skipped and an unfinished one continues from
+its newest checkpoint, so a killed run restarts with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from lcmkit.train.data import SyntheticShapes, WorldConfig
+from lcmkit.train.distill import DistillConfig, distill
+from lcmkit.train.loop import LoopConfig, make_accelerator
+from lcmkit.train.teacher import (
+    ARCHITECTURES,
+    Architecture,
+    TeacherTrainConfig,
+    VAETrainConfig,
+    train_teacher,
+    train_vae,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StagePlan:
+    """Steps, per-process batch size and learning rate of one stage."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup: int = 0
+
+
+@dataclass
+class RecipeConfig:
+    out: str | Path = "runs/tiny"
+    architecture: str | Architecture = "tiny"  # a name in ARCHITECTURES, or an Architecture
+    seed: int = 0
+    vae: StagePlan = field(default_factory=lambda: StagePlan(20_000, 64, 2e-4, 500))
+    teacher: StagePlan = field(default_factory=lambda: StagePlan(80_000, 128, 2e-4, 1_000))
+    distill: StagePlan = field(default_factory=lambda: StagePlan(10_000, 64, 5e-5, 200))
+    # Paper-form guidance range; the pipeline's guidance_scale is w + 1, so this covers guidance_scale 2..8.
+    w_min: float = 1.0
+    w_max: float = 7.0
+    num_ddim_timesteps: int = 50
+    checkpoint_every: int = 1_000
+    log_every: int = 10
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    num_workers: int = 4
+    resume: bool = False
+    progress: bool = True
+    sample_captions: tuple[str, ...] = (
+        "a large red circle at the top left on a blue background",
+        "a small yellow square in the center on a black background",
+        "a large green triangle at the bottom right and a small white diamond at the top left on a purple background",
+        "a large orange diamond at the bottom left on a white background",
+    )
+
+
+def quick_config(out: str | Path = "runs/tiny-quick") -> RecipeConfig:
+    """A smoke run of every stage on the "quick" architecture (minutes on a CPU); its images are not meaningful."""
+    return RecipeConfig(
+        out=out,
+        architecture="quick",
+        vae=StagePlan(30, 8, 1e-3),
+        teacher=StagePlan(30, 8, 1e-3),
+        distill=StagePlan(10, 4, 1e-4),
+        checkpoint_every=10,
+        log_every=1,
+        num_workers=0,
+    )
+
+
+def _loop(cfg: RecipeConfig, stage: str, plan: StagePlan) -> LoopConfig:
+    return LoopConfig(
+        output_dir=Path(cfg.out) / "work" / stage,
+        max_steps=plan.steps,
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        lr_warmup_steps=plan.warmup,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        num_workers=cfg.num_workers,
+        progress=cfg.progress,
+    )
+
+
+def _stage_configs(cfg: RecipeConfig) -> tuple[VAETrainConfig, TeacherTrainConfig, DistillConfig]:
+    arch = ARCHITECTURES[cfg.architecture] if isinstance(cfg.architecture, str) else cfg.architecture
+    out = Path(cfg.out)
+    world = WorldConfig(image_size=arch.image_size, seed=cfg.seed)
+    vae = VAETrainConfig(
+        save_dir=out / "vae",
+        vae=arch.vae,
+        image_size=arch.image_size,
+        world=world,
+        mixed_precision=cfg.mixed_precision,
+        loop=_loop(cfg, "vae", cfg.vae),
+    )
+    teacher = TeacherTrainConfig(
+        vae_dir=out / "vae",
+        save_dir=out / "teacher",
+        unet=arch.unet,
+        text=arch.text,
+        image_size=arch.image_size,
+        world=world,
+        mixed_precision=cfg.mixed_precision,
+        loop=_loop(cfg, "teacher", cfg.teacher),
+    )
+    student = DistillConfig(
+        teacher=out / "teacher",
+        save_dir=out / "lcm",
+        world=world,
+        num_ddim_timesteps=cfg.num_ddim_timesteps,
+        w_min=cfg.w_min,
+        w_max=cfg.w_max,
+        mixed_precision=cfg.mixed_precision,
+        loop=_loop(cfg, "distill", cfg.distill),
+    )
+    return vae, teacher, student
+
+
+def sample_grid(lcm_dir: str | Path, captions: tuple[str, ...], path: str | Path, seed: int = 0) -> Path:
+    """One row per caption: 1-, 2- and 4-step LCM samples, then a real image of a world scene for scale."""
+    from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rows = []
+    for caption in captions:
+        row = []
+        for steps in (1, 2, 4):
+            generator = torch.Generator().manual_seed(seed)
+            out = pipe(
+                caption, num_inference_steps=steps, guidance_scale=4.0, generator=generator, output_type="np"
+            )
+            row.append((out.images[0] * 255).round().astype(np.uint8))
+        rows.append(np.concatenate(row, axis=1))
+    example = SyntheticShapes(WorldConfig(image_size=size, seed=seed))[0][0]
+    reference = ((example.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    grid = np.concatenate(rows, axis=0)
+    canvas = np.zeros((grid.shape[0], grid.shape[1] + size, 3), np.uint8)
+    canvas[:, : grid.shape[1]] = grid
+    canvas[:size, grid.shape[1] :] = reference
+    Image.fromarray(canvas).save(path)
+    return Path(path)
+
+
+def _run_stage(
+    name: str, done: Path, cfg: RecipeConfig, plan: StagePlan, times: dict, run: Callable[[], object]
+) -> None:
+    """Run (or, on resume, skip) one stage and record its time; a skipped stage keeps its earlier record."""
+    if cfg.resume and done.exists():
+        logger.info("stage %s already finished (%s exists); skipping", name, done)
+        times[name] = {**times.get(name, {}), "skipped": True}
+        return
+    start = time.perf_counter()
+    run()
+    seconds = round(time.perf_counter() - start, 3)
+    times[name] = {
+        "seconds": seconds,
+        "skipped": False,
+        "steps": plan.steps,
+        "batch_size_per_process": plan.batch_size,
+    }
+    logger.info("stage %s took %.1f s", name, seconds)
+
+
+def _write_times(accelerator: Accelerator, path: Path, times: dict) -> None:
+    if accelerator.is_main_process:
+        path.write_text(json.dumps(times, indent=2) + "\n")
+
+
+def run_recipe(cfg: RecipeConfig, accelerator: Accelerator | None = None) -> dict:
+    """Run the three stages (skipping finished ones on resume); return the timing record, written after each stage.
+
+    A stage's `seconds` are those of the invocation that finished it (time before a resume is not counted).
+    """
+    if isinstance(cfg.architecture, str) and cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {sorted(ARCHITECTURES)}")
+    accelerator = accelerator or make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision)
+    out = Path(cfg.out)
+    times_file = out / "times.json"
+    times: dict = json.loads(times_file.read_text()) if cfg.resume and times_file.is_file() else {}
+    times.update(
+        architecture=cfg.architecture if isinstance(cfg.architecture, str) else "custom",
+        device=str(accelerator.device),
+        num_processes=accelerator.num_processes,
+        mixed_precision=cfg.mixed_precision,
+        torch=torch.__version__,
+    )
+    vae_cfg, teacher_cfg, distill_cfg = _stage_configs(cfg)
+    stages = (
+        ("vae", out / "vae" / "config.json", cfg.vae, lambda: train_vae(vae_cfg, accelerator)),
+        (
+            "teacher",
+            out / "teacher" / "model_index.json",
+            cfg.teacher,
+            lambda: train_teacher(teacher_cfg, accelerator),
+        ),
+        ("distill", out / "lcm" / "model_index.json", cfg.distill, lambda: distill(distill_cfg, accelerator)),
+    )
+    start = time.perf_counter()
+    for name, done, plan, run in stages:
+        _run_stage(name, done, cfg, plan, times, run)
+        _write_times(accelerator, times_file, times)
+    if accelerator.is_main_process:
+        samples_start = time.perf_counter()
+        sample_grid(out / "lcm", cfg.sample_captions, out / "samples.png", cfg.seed)
+        times["samples"] = {"seconds": round(time.perf_counter() - samples_start, 3)}
+        times["total_seconds_this_invocation"] = round(time.perf_counter() - start, 3)
+        _write_times(accelerator, times_file, times)
+    accelerator.wait_for_everyone()
+    return times

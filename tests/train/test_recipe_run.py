@@ -1,0 +1,115 @@
+"""The whole recipe (VAE -> teacher -> distillation) end to end on a minute architecture, two steps per stage.
+
+It proves the stages connect and their folders are what they claim to be: the teacher is a Stable Diffusion
+folder with a DDPM scheduler whose betas are `make_betas`' (diffusers loads it), the result is a complete LCM
+folder with a w-embedding UNet and an LCMScheduler on the distillation grid that both lcmkit and diffusers load
+and that generates the same image in both; timings, loss logs and samples are written; a resumed run skips
+finished stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lcmkit.config import UNetConfig, VAEConfig
+from lcmkit.schedulers.lcm_math import make_betas
+from lcmkit.train.recipe import RecipeConfig, StagePlan, run_recipe
+from lcmkit.train.teacher import Architecture, TextEncoderSpec
+
+MINUTE = Architecture(
+    image_size=16,
+    vae=VAEConfig(
+        block_out_channels=(8, 16), norm_num_groups=4, sample_size=16, mid_block_add_attention=False
+    ),
+    unet=UNetConfig(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        down_attention=(True, False),
+        up_attention=(False, True),
+        layers_per_block=(1, 1),
+        transformer_layers_per_block=(1, 1),
+        attention_head_dim=(2, 2),
+        cross_attention_dim=16,
+        norm_num_groups=8,
+    ),
+    text=TextEncoderSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    cfg = RecipeConfig(
+        out=out,
+        architecture=MINUTE,
+        vae=StagePlan(2, 4, 1e-3),
+        teacher=StagePlan(2, 4, 1e-3),
+        distill=StagePlan(2, 2, 1e-4),
+        num_ddim_timesteps=25,
+        checkpoint_every=1,
+        log_every=1,
+        num_workers=0,
+        progress=False,
+        sample_captions=("a small red circle in the center on a blue background",),
+    )
+    return cfg, run_recipe(cfg)
+
+
+def test_stages_write_their_records(run):
+    cfg, times = run
+    out = cfg.out
+    assert json.loads((out / "times.json").read_text()) == times
+    for stage in ("vae", "teacher", "distill"):
+        assert times[stage]["seconds"] > 0 and times[stage]["steps"] == 2 and not times[stage]["skipped"]
+        rows = (out / "work" / stage / f"{stage}_loss.csv").read_text().splitlines()
+        assert len(rows) == 3 and all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
+        assert (out / "work" / stage / f"{stage}_loss.png").is_file()
+    assert (out / "samples.png").is_file()
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] != 0.18215 and vae_config["scaling_factor"] > 0
+
+
+def test_teacher_folder_is_stable_diffusion_with_ddpm_schedule(run):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    cfg, _ = run
+    teacher = StableDiffusionPipeline.from_pretrained(cfg.out / "teacher", safety_checker=None)
+    assert isinstance(teacher.scheduler, DDPMScheduler)
+    assert teacher.scheduler.config.prediction_type == "epsilon"
+    assert torch.equal(teacher.scheduler.betas, make_betas("scaled_linear", 1000, 0.00085, 0.012))
+    assert teacher.unet.config.time_cond_proj_dim is None
+    assert teacher.tokenizer.model_max_length == teacher.text_encoder.config.max_position_embeddings == 32
+
+
+def test_lcm_folder_loads_in_lcmkit_and_diffusers_alike(run):
+    import diffusers
+
+    from lcmkit import LatentConsistencyModelPipeline
+
+    cfg, _ = run
+    ours = LatentConsistencyModelPipeline.from_pretrained(cfg.out / "lcm")
+    theirs = diffusers.LatentConsistencyModelPipeline.from_pretrained(cfg.out / "lcm", safety_checker=None)
+    assert isinstance(theirs.scheduler, diffusers.LCMScheduler)
+    assert theirs.scheduler.config.original_inference_steps == 25
+    assert theirs.unet.config.time_cond_proj_dim == 256
+    assert ours.unet.config.time_cond_proj_dim == 256
+    assert (cfg.out / "lcm" / "unet_target" / "config.json").is_file()
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "np"}
+    a = ours("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = theirs("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_resume_skips_finished_stages(run):
+    cfg, first = run
+    first = json.loads(json.dumps(first))  # a snapshot: the resumed run must not rewrite history
+    times = run_recipe(dataclasses.replace(cfg, resume=True))
+    for stage in ("vae", "teacher", "distill"):
+        assert times[stage]["skipped"]
+        assert times[stage]["seconds"] == first[stage]["seconds"]  # the record of the run that did the work
+    assert json.loads((cfg.out / "times.json").read_text()) == times
