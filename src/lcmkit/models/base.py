@@ -64,3 +64,22 @@ class ModelMixin(nn.Module):
         if variant:
             name = f"diffusion_pytorch_model.{variant}.safetensors"
         save_state_dict(self.state_dict(), folder / name)
+
+
+class SlicingTilingMixin:
+    """The diffusers VAE switches: `use_slicing` (one sample at a time) and `use_tiling` (overlapping tiles)."""
+
+    use_slicing: bool = False
+    use_tiling: bool = False
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self) -> None:
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcmkit.config import ConfigError
-from lcmkit.models.base import ModelMixin
+from lcmkit.models.base import ModelMixin, SlicingTilingMixin
 from lcmkit.models.vae import DecoderOutput, _TupleLike
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class TinyDecoder(nn.Module):
 # The model
 
 
-class AutoencoderTiny(ModelMixin):
+class AutoencoderTiny(SlicingTilingMixin, ModelMixin):
     """TAESD: `encode(x).latents` gives raw latents; `decode(z).sample` gives the image in [-1, 1].
 
     A drop-in for the pipelines' `vae`: `pipe.vae = AutoencoderTiny.from_pretrained(folder)`. It has no posterior,
@@ -303,20 +303,6 @@ class AutoencoderTiny(ModelMixin):
     @property
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
-
-    # -- toggles (the diffusers names) -------------------------------------------------------------------------------
-
-    def enable_slicing(self) -> None:
-        self.use_slicing = True
-
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
-    def enable_tiling(self) -> None:
-        self.use_tiling = True
-
-    def disable_tiling(self) -> None:
-        self.use_tiling = False
 
     # -- latent storage ----------------------------------------------------------------------------------------------
 

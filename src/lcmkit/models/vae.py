@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcmkit.config import VAEConfig
-from lcmkit.models.base import ModelMixin
+from lcmkit.models.base import ModelMixin, SlicingTilingMixin
 from lcmkit.nn import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from lcmkit.schedulers.randn import randn_like_reference
 
@@ -283,7 +283,7 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Ten
 # The model
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(SlicingTilingMixin, ModelMixin):
     """The SD VAE: `encode(x).latent_dist` gives q(z|x); `decode(z).sample` gives the image in [-1, 1].
 
     `enable_slicing()` runs a batch one sample at a time; `enable_tiling()` runs large inputs as overlapping tiles
@@ -313,19 +313,7 @@ class AutoencoderKL(ModelMixin):
         """Pixels per latent along each side: one 2x downsampling per level except the deepest."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    # -- toggles (the diffusers names) -------------------------------------------------------------------------------
-
-    def enable_slicing(self) -> None:
-        self.use_slicing = True
-
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
-    def enable_tiling(self) -> None:
-        self.use_tiling = True
-
-    def disable_tiling(self) -> None:
-        self.use_tiling = False
+    # -- switches (slicing and tiling come from SlicingTilingMixin) -----------------------------------------------
 
     def enable_subpixel_upsampling(self) -> None:
         """Run the decoder's upsampling convs in sub-pixel form (the default): same images up to float rounding
