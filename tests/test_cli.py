@@ -120,7 +120,8 @@ def test_tiny_vae_fast_mode(model, tmp_path, capsys):
             "--seed", "3", "--tiny-vae", str(tmp_path / "taesd"), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     with PIL.Image.open(capsys.readouterr().out.split()[0]) as im:
-        assert im.size == (128, 128)  # 16x16 latents, and this tiny VAE upsamples 8x (the model's own VAE: 2x)
+        # 16x16 latents, and this tiny VAE upsamples 8x (the model's own VAE: 2x)
+        assert im.size == (128, 128)
     assert main([*argv[:-3], "--tiny-vae", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "--tiny-vae" in capsys.readouterr().err
 
