@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import diffusers
 import pytest
 import torch
+from helpers.scheduler_configs import SD_PNDM_JSON
 
 from lcmkit.schedulers import LCMScheduler, LCMSchedulerConfig
 
@@ -372,21 +373,6 @@ def test_diffusers_saved_config_loads_in_ours(tmp_path, config: dict) -> None:
     assert torch.equal(ref.alphas_cumprod, ours.alphas_cumprod)
     ours_direct = LCMScheduler.from_config(ref.config)
     assert ours_direct.config == ours.config
-
-
-SD_PNDM_JSON = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 
 def _foreign_configs() -> list[tuple[str, dict]]:

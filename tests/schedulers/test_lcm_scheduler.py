@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers.scheduler_configs import SD_PNDM_JSON
 
 from lcmkit.schedulers import LCMScheduler, LCMSchedulerConfig, LCMSchedulerOutput, lcm_math
 from lcmkit.schedulers.randn import randn_like_reference
@@ -374,19 +375,7 @@ def test_constructor_accepts_config_dicts_and_rejects_unknown_keys() -> None:
 
 def test_from_config_of_another_scheduler(caplog: pytest.LogCaptureFixture) -> None:
     """A PNDM config of Stable Diffusion loads: known keys kept (steps_offset, set_alpha_to_one), others dropped."""
-    pndm = {
-        "_class_name": "PNDMScheduler",
-        "_diffusers_version": "0.6.0",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-        "clip_sample": False,
-    }
+    pndm = dict(SD_PNDM_JSON)
     with caplog.at_level(logging.DEBUG, logger="lcmkit"):
         scheduler = LCMScheduler.from_config(pndm, timestep_spacing="trailing")
     assert "skip_prk_steps" in caplog.text

@@ -104,6 +104,16 @@ class DiagonalGaussianDistribution:
 # Blocks
 
 
+def _resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int) -> nn.ModuleList:
+    """`layers` VAE resnets (no time embedding); the first maps in_channels -> out_channels."""
+    return nn.ModuleList(
+        ResnetBlock2D(
+            in_channels if i == 0 else out_channels, out_channels, temb_channels=None, groups=groups, eps=_EPS
+        )
+        for i in range(layers)
+    )
+
+
 class DownEncoderBlock(nn.Module):
     """`layers` resnets, then (except at the deepest level) a stride-2 conv with the VAE's right/bottom padding."""
 
@@ -111,16 +121,7 @@ class DownEncoderBlock(nn.Module):
         self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels if i == 0 else out_channels,
-                out_channels,
-                temb_channels=None,
-                groups=groups,
-                eps=_EPS,
-            )
-            for i in range(layers)
-        )
+        self.resnets = _resnet_chain(in_channels, out_channels, layers, groups)
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,16 +137,7 @@ class UpDecoderBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels if i == 0 else out_channels,
-                out_channels,
-                temb_channels=None,
-                groups=groups,
-                eps=_EPS,
-            )
-            for i in range(layers)
-        )
+        self.resnets = _resnet_chain(in_channels, out_channels, layers, groups)
         # sub-pixel form: the same function as nearest 2x + conv up to float rounding, 16 instead of 36 MACs
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, subpixel=True)]) if upsample else None
 
