@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="trailing",
         help="timestep spacing of the teacher's DDIM ('teacher': as its scheduler config says)",
     )
+    parser.add_argument(
+        "--max-shapes",
+        type=int,
+        default=1,
+        help="shapes per held-out scene, as the models were trained (the shipped model: 1)",
+    )
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher_steps=args.teacher_steps,
         lcm_steps=args.lcm_steps,
         ddim_spacing=None if args.ddim_spacing == "teacher" else args.ddim_spacing,
+        max_shapes=args.max_shapes,
         batch_size=args.batch_size,
         device=args.device,
     )

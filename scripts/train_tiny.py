@@ -1,6 +1,7 @@
 """Train lcmkit's tiny real LCM from scratch: VAE -> teacher -> latent consistency distillation -> an LCM folder.
 
-    .venv/bin/python scripts/train_tiny.py --out runs/tiny            # the full recipe (hours on one GPU)
+    .venv/bin/python scripts/train_tiny.py --out runs/tiny            # the shipped model's recipe (2 CPU cores: ~1 h)
+    .venv/bin/python scripts/train_tiny.py --out runs/tiny --ship src/lcmkit/assets/tiny-lcm --overwrite
     .venv/bin/python scripts/train_tiny.py --out runs/tiny --resume   # continue a stopped run
     .venv/bin/python scripts/train_tiny.py --out runs/tiny-quick --quick   # smoke run of every stage (CPU, minutes)
     accelerate launch --num_processes 8 scripts/train_tiny.py --out runs/tiny   # the same recipe on 8 GPUs
@@ -16,10 +17,11 @@ import argparse
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from lcmkit.train.recipe import RecipeConfig, StagePlan, quick_config, run_recipe
+from lcmkit.train.recipe import RecipeConfig, StagePlan, quick_config, run_recipe, ship
 
 
 def _plan(base: StagePlan, steps: int | None, batch: int | None, lr: float | None) -> StagePlan:
@@ -62,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default: 1 with --quick, else torch's choice)",
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--ship",
+        default=None,
+        help="after training, copy the LCM pipeline folder (without training extras) here, "
+        "e.g. src/lcmkit/assets/tiny-lcm",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="let --ship replace an existing folder")
     return parser.parse_args(argv)
 
 
@@ -95,7 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
-    times = run_recipe(config_from_args(args))
+    if args.ship and Path(args.ship).exists() and not args.overwrite:
+        parser_error = f"--ship {args.ship} exists; add --overwrite to replace it"
+        raise SystemExit(f"train_tiny.py: error: {parser_error}")
+    cfg = config_from_args(args)
+    times = run_recipe(cfg)
+    if args.ship:
+        ship(Path(cfg.out) / "lcm", args.ship, overwrite=args.overwrite)
     if "samples" in times:  # the main process
         print(json.dumps(times, indent=2))
 

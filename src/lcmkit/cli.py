@@ -1,7 +1,8 @@
-"""The `lcmkit` command line: `generate`, `img2img`, `demo` and `serve`.
+"""The `lcmkit` command line: `generate`, `img2img`, `demo`, `serve` and `distill`.
 
 Thin on purpose: arguments (or the lines of a prompts file) become `GenerationRequest`s and `run_request` does the
 work, as it does for the HTTP server, so a PNG made here carries the same AUTOMATIC1111 infotext as one made there.
+`distill` likewise only fills a `DistillConfig` for `lcmkit.train.distill.distill`.
 Heavy imports (torch, the pipelines) wait until a command needs them, so usage errors come back at once.
 """
 
@@ -163,7 +164,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require this key; default: $LCMKIT_API_KEY if set")
     p.add_argument("--limit", action="append", default=[], type=_arg(parse_limit), metavar="NAME=VALUE",
                    help="a server limit such as max_steps=8; repeatable")  # fmt: skip
+    add_distill_parser(sub, common)
     return parser
+
+
+def add_distill_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("distill", parents=[common], help="distil a Stable Diffusion teacher into an LCM or LCM-LoRA",
+                       description="Latent consistency distillation. Without --lora-rank: a full LCM pipeline "
+                       "folder at --out. With it: an LCM-LoRA, --out/pytorch_lora_weights.safetensors. Checkpoints "
+                       "and the loss log go to --out/train.")  # fmt: skip
+    add = p.add_argument
+    add("--teacher", required=True, metavar="DIR", help="a diffusers Stable Diffusion folder")
+    add("--out", required=True, metavar="DIR", help="output folder; must be new or empty unless --resume")
+    add("--data", metavar="FOLDER_OR_JSONL",
+        help="images with same-named .txt captions, or a .jsonl file; default: the built-in synthetic world")  # fmt: skip
+    add("--steps", type=_arg(parse_int, "--steps", 1), default=1000, metavar="N", help="default 1000")
+    add("--batch-size", type=_arg(parse_int, "--batch-size", 1), default=8, metavar="N", help="default 8")
+    add("--lr", type=_arg(parse_float, "--lr", 0.0, 1.0), default=1e-4, metavar="X", help="default 1e-4")
+    add("--w-min", type=_arg(parse_float, "--w-min"), default=5.0, metavar="W",
+        help="guidance scale range, paper form w = guidance_scale - 1 (default 5)")  # fmt: skip
+    add("--w-max", type=_arg(parse_float, "--w-max"), default=15.0, metavar="W", help="default 15")
+    add("--num-ddim-timesteps", type=_arg(parse_int, "--num-ddim-timesteps", 1, 1000), default=50, metavar="N",
+        help="solver grid, the LCM scheduler's original_inference_steps (default 50)")  # fmt: skip
+    add("--lora-rank", type=_arg(parse_int, "--lora-rank", 1), default=None, metavar="R",
+        help="train an LCM-LoRA of this rank (64 in the LCM-LoRA paper) instead of a full LCM")  # fmt: skip
+    add("--lora-alpha", type=_arg(parse_float, "--lora-alpha", 0.0, 1e6), default=None, metavar="A",
+        help="LoRA scale is alpha / rank (default alpha: the rank)")  # fmt: skip
+    add("--lora-targets", default=None, metavar="PRESET_OR_NAMES",
+        help="lcm (default: attention, feed-forward, resnet convs, resamplers, time projections), attention "
+        "(to_q,to_k,to_v,to_out.0) or comma-separated module-name suffixes")  # fmt: skip
+    add("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    add("--seed", type=_arg(parse_int, "--seed", 0), default=0, metavar="N", help="default 0")
+    add("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="default no (float32)")
+    add("--checkpoint-every", type=_arg(parse_int, "--checkpoint-every", 1), default=500, metavar="N",
+        help="default 500; the last step always saves one")  # fmt: skip
+    add("--quiet", action="store_true", help="no progress bar")
 
 
 # Requests --------------------------------------------------------------------------------------------------
@@ -407,7 +442,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "demo": cmd_demo, "serve": cmd_serve}
+def check_distill_args(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Every input mistake before torch loads: (teacher folder, output folder)."""
+    teacher = Path(args.teacher).expanduser()
+    if not teacher.is_dir():
+        raise CliError(f"--teacher {args.teacher}: no such folder (pass a diffusers Stable Diffusion folder)")
+    if not (teacher / "model_index.json").is_file():
+        raise CliError(
+            f"--teacher {args.teacher}: not a diffusers pipeline folder (it has no model_index.json)"
+        )
+    if args.data is not None:
+        data = Path(args.data).expanduser()
+        if not data.exists():
+            raise CliError(f"--data {args.data}: no such folder or file")
+        if data.is_file() and data.suffix != ".jsonl":
+            raise CliError(f"--data {args.data}: pass a folder of images with .txt captions or a .jsonl file")
+    if not 0 <= args.w_min <= args.w_max:
+        raise CliError(f"need 0 <= --w-min <= --w-max, got --w-min {args.w_min:g} --w-max {args.w_max:g}")
+    if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
+        raise CliError("--lora-alpha and --lora-targets apply to an LCM-LoRA: add --lora-rank R")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {args.out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.resume:
+            raise CliError(
+                f"--out {args.out} exists and is not empty; pass --resume to continue the run in it, "
+                "or choose a new folder"
+            )
+        from lcmkit.train.loop import latest_checkpoint
+
+        if latest_checkpoint(out / "train") is None:
+            raise CliError(f"--resume: {out / 'train'} has no checkpoint to continue from")
+    return teacher, out
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    teacher, out = check_distill_args(args)
+    _quiet_transformers(args.debug)
+    from lcmkit.train.distill import DistillConfig, distill
+    from lcmkit.train.distill_lora import LORA_WEIGHT_NAME, resolve_targets
+    from lcmkit.train.loop import LoopConfig
+
+    lora = {}
+    if args.lora_rank is not None:
+        try:
+            targets = resolve_targets(args.lora_targets or "lcm")
+        except ValueError as e:
+            raise CliError(f"--lora-targets: {e}") from None
+        lora = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": targets}
+    loop = LoopConfig(output_dir=out / "train", max_steps=args.steps, batch_size=args.batch_size,
+                      learning_rate=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      resume=args.resume, progress=not args.quiet)  # fmt: skip
+    data = None if args.data is None else str(Path(args.data).expanduser())
+    config = DistillConfig(teacher=teacher, save_dir=out, data=data, num_ddim_timesteps=args.num_ddim_timesteps,
+                           w_min=args.w_min, w_max=args.w_max, mixed_precision=args.mixed_precision, loop=loop,
+                           **lora)  # fmt: skip
+    result = distill(config)
+    print(result / LORA_WEIGHT_NAME if lora else result)
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "img2img": cmd_generate,
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+    "distill": cmd_distill,
+}
 
 
 def _one_line(e: BaseException) -> str:

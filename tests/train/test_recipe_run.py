@@ -18,7 +18,7 @@ import torch
 
 from lcmkit.config import UNetConfig, VAEConfig
 from lcmkit.schedulers.lcm_math import make_betas
-from lcmkit.train.recipe import RecipeConfig, StagePlan, run_recipe
+from lcmkit.train.recipe import RecipeConfig, StagePlan, run_recipe, ship
 from lcmkit.train.teacher import Architecture, TextEncoderSpec
 
 MINUTE = Architecture(
@@ -113,3 +113,28 @@ def test_resume_skips_finished_stages(run):
         assert times[stage]["skipped"]
         assert times[stage]["seconds"] == first[stage]["seconds"]  # the record of the run that did the work
     assert json.loads((cfg.out / "times.json").read_text()) == times
+
+
+def test_ship_copies_only_what_the_pipeline_loads(run, tmp_path):
+    """`ship` leaves training extras behind, gives a folder that loads, and never replaces one unasked."""
+    from lcmkit import LatentConsistencyModelPipeline
+
+    cfg, _ = run
+    dest = ship(cfg.out / "lcm", tmp_path / "tiny-lcm")
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
+    LatentConsistencyModelPipeline.from_pretrained(dest)
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists"):
+        ship(cfg.out / "lcm", dest)
+    assert (dest / "keep.txt").read_text() == "mine"
+    ship(cfg.out / "lcm", dest, overwrite=True)
+    assert not (dest / "keep.txt").exists() and (dest / "unet" / "config.json").is_file()
+    with pytest.raises(ValueError, match="model_index.json"):
+        ship(tmp_path, tmp_path / "other")

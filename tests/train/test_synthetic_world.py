@@ -112,6 +112,33 @@ def test_world_config_rejects_bad_values():
     }
 
 
+def test_loose_captions_drop_only_size_and_position_words():
+    """With caption_omit, captions lose size words and position phrases at about that rate, never anything else,
+    and the images (and records) stay exactly those of the same world without omission."""
+    full = SyntheticShapes(WorldConfig(image_size=32, seed=3, max_shapes=1))
+    loose = SyntheticShapes(WorldConfig(image_size=32, seed=3, max_shapes=1, caption_omit=0.5))
+    sizes = positions = 0
+    n = 400
+    for i in range(n):
+        image_full, caption_full = full[i]
+        image_loose, caption = loose[i]
+        assert torch.equal(image_full, image_loose)
+        shape = full.record(i).shapes[0]
+        assert caption.startswith("a ") and caption.endswith(f"on a {full.record(i).background} background")
+        assert f"{shape.colour} {shape.shape}" in caption
+        sizes += shape.size in caption.split()
+        positions += shape.position.split()[-1] in caption.split()
+        kept = set(caption.split())
+        assert kept <= set(caption_full.split())
+    assert 0.4 < sizes / n < 0.6 and 0.4 < positions / n < 0.6
+    assert [loose[i][1] for i in range(20)] == [loose[i][1] for i in range(20)]  # per index, not per call
+    bare = SyntheticShapes(WorldConfig(image_size=32, seed=3, max_shapes=1, caption_omit=1.0))
+    s = bare.record(0).shapes[0]
+    assert bare[0][1] == f"a {s.colour} {s.shape} on a {bare.record(0).background} background"
+    with pytest.raises(ValueError, match="caption_omit"):
+        WorldConfig(caption_omit=1.5)
+
+
 def test_word_tokenizer_gives_one_token_per_word(tmp_path):
     """Every world word is one CLIP token, captions fit the padded length, and unknown words still tokenise."""
     folder = write_word_clip_tokenizer(tmp_path / "tok", world_words(), model_max_length=32)

@@ -61,8 +61,13 @@ class ShapeRecord:
 
     @property
     def phrase(self) -> str:
+        return self.partial_phrase()
+
+    def partial_phrase(self, size: bool = True, position: bool = True) -> str:
+        """The phrase, optionally without its size word or its position ("a red circle" at the least)."""
         where = "in the center" if self.position == "center" else f"at the {self.position}"
-        return f"a {self.size} {self.colour} {self.shape} {where}"
+        words = ["a", self.size if size else "", self.colour, self.shape, where if position else ""]
+        return " ".join(w for w in words if w)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,16 @@ class SceneRecord:
     def caption(self) -> str:
         """E.g. "a large red circle at the top left and a small green square in the center on a blue background"."""
         return " and ".join(s.phrase for s in self.shapes) + f" on a {self.background} background"
+
+    def loose_caption(self, rng: np.random.Generator, p_omit: float) -> str:
+        """The caption with each shape's size word, and independently its position, left out with probability
+        `p_omit`: how people write prompts ("a red circle on a blue background"). Training on such captions
+        teaches a model what an unnamed attribute means (any value), instead of leaving those prompts unseen."""
+        phrases = [
+            s.partial_phrase(size=rng.random() >= p_omit, position=rng.random() >= p_omit)
+            for s in self.shapes
+        ]
+        return " and ".join(phrases) + f" on a {self.background} background"
 
     def to_dict(self) -> dict:
         """JSON-ready attributes (with the caption), e.g. for an evaluation classifier's labels."""
@@ -96,6 +111,9 @@ class WorldConfig:
     positions: tuple[str, ...] = tuple(POSITIONS)
     sizes: tuple[str, ...] = tuple(SIZES)
     jitter: float = 0.02  # uniform centre offset, as a fraction of the image side, in x and y
+    # Probability that a training caption leaves out a shape's size word (and, independently, its position);
+    # the image is drawn with them all the same. 0 gives full captions (`SceneRecord.caption`) everywhere.
+    caption_omit: float = 0.0
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -117,6 +135,10 @@ class WorldConfig:
         if len(self.colours) < 2:
             raise ValueError(
                 "WorldConfig.colours needs at least 2 colours (shapes must differ from the background)"
+            )
+        if not 0 <= self.caption_omit <= 1:
+            raise ValueError(
+                f"WorldConfig.caption_omit must be a probability in [0, 1], got {self.caption_omit}"
             )
         if self.image_size < 8:
             raise ValueError(f"WorldConfig.image_size must be at least 8 pixels, got {self.image_size}")
@@ -208,7 +230,11 @@ class SyntheticShapes(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         record = self.record(index)
-        return to_tensor(render_scene(record)), record.caption
+        if self.config.caption_omit == 0:
+            return to_tensor(render_scene(record)), record.caption
+        # Its own stream (not the scene's), so the scenes stay those of the same world without omission.
+        rng = np.random.default_rng([self.config.seed, index, 1])
+        return to_tensor(render_scene(record)), record.loose_caption(rng, self.config.caption_omit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ learns to map any point of the teacher's probability-flow trajectory straight to
 5. target: f_phi^-(z_{t_n}, w, c, t_n) with the EMA network phi^- (no gradient);
 6. loss d(online, target), Huber (c = 0.001) or L2; AdamW; after each optimizer step phi^- <- mu phi^- + (1 - mu) phi.
 
+The LCM-LoRA variant (`DistillConfig.lora_rank`; pieces in `lcmkit.train.distill_lora`) runs the same objective
+with a different student: the teacher UNet itself plus a trainable adapter, without w-embedding (w reaches only the
+teacher's guided step). The teacher is that UNet with its adapters switched off, and the target f_phi^- is the
+online student under stop-gradient, as in the LCM-LoRA training scripts (spec §7 step 7): no EMA copy.
+
 The boundary scalings, x0/eps conversions, skipping-step grid and w-embedding are `lcm_math`'s, the very
 functions the LCM scheduler samples with, so training and sampling cannot drift apart.
 """
@@ -34,6 +39,7 @@ from lcmkit.config import replace
 from lcmkit.loading.folders import load_components
 from lcmkit.models.text import encode_prompt
 from lcmkit.models.unet import UNet2DConditionModel
+from lcmkit.nn.lora import scale_lora
 from lcmkit.schedulers import LCMScheduler
 from lcmkit.schedulers.lcm_math import (
     boundary_scalings,
@@ -43,6 +49,13 @@ from lcmkit.schedulers.lcm_math import (
     x0_from_prediction,
 )
 from lcmkit.train.data import WorldConfig, open_dataset
+from lcmkit.train.distill_lora import (
+    LCM_LORA_TARGETS,
+    LoraStudent,
+    add_lcm_lora,
+    resolve_targets,
+    save_lcm_lora,
+)
 from lcmkit.train.loop import LoopConfig, fit, frozen_dtype, make_accelerator
 from lcmkit.train.teacher import encode_latents
 
@@ -137,7 +150,12 @@ def make_student(teacher: UNet2DConditionModel, w_embedding_dim: int = 256) -> U
 
 
 class LCDObjective:
-    """One LCD loss evaluation (module docstring, steps 1-6) given a frozen teacher, the EMA target and the encoders."""
+    """One LCD loss evaluation (module docstring, steps 1-6) given a frozen teacher, the target and the encoders.
+
+    Full LCD: `target` is the EMA copy. LCM-LoRA: `teacher` and `target` are both the student's own UNet; the
+    teacher pass runs with its adapters off, and a target without a w-embedding input gets no w (`timestep_cond`
+    None), so w acts only through the teacher's guidance.
+    """
 
     def __init__(
         self,
@@ -212,7 +230,8 @@ class LCDObjective:
         b, dtype = len(x_t), self.teacher.dtype
         context = torch.cat([c, uncond.expand(b, -1, -1)]).to(dtype)
         x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
-        with self.autocast():
+        # The base model: adapters off, also when this UNet carries the LCM-LoRA student.
+        with self.autocast(), scale_lora(self.teacher, 0.0):
             out = self.teacher(x_in.to(dtype), t_in, context, return_dict=False)[0].float()
         x0, eps = self._x0_eps(out, x_in, t_in)
         (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
@@ -220,7 +239,12 @@ class LCDObjective:
         return ddim_solver_step(guided(x0_c, x0_u, w), guided(eps_c, eps_u, w), alpha_bar_prev)
 
     def consistency(
-        self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, w_emb: torch.Tensor
+        self,
+        unet: nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        c: torch.Tensor,
+        w_emb: torch.Tensor | None,
     ) -> torch.Tensor:
         """f(x_t, w, c, t) = c_skip x_t + c_out x0(unet output) for the online or the target network."""
         out = unet(x_t, t, c, timestep_cond=w_emb, return_dict=False)[0].float()
@@ -245,7 +269,10 @@ class LCDObjective:
         t = self.timesteps[n].to(device)
         t_prev = (t - self.k).clamp(min=0)
         x_t = self.scheduler.add_noise(z0, eps, t)
-        w, w_emb = w.to(device), guidance_scale_embedding(w, self.w_dim).to(device, z0.dtype)
+        w_emb = None
+        if self.w_dim is not None:
+            w_emb = guidance_scale_embedding(w, self.w_dim).to(device, z0.dtype)
+        w = w.to(device)
         # 3. Online consistency output.
         online = self.consistency(student, x_t, t, c, w_emb)
         # 4. Teacher: guided DDIM step to t_prev. 5. Target consistency output there.
@@ -267,7 +294,13 @@ class LCDObjective:
 
 @dataclass
 class DistillConfig:
-    """LCD of a teacher folder (any diffusers-layout SD folder lcmkit loads) into an LCM folder at `save_dir`."""
+    """LCD of a teacher folder (any diffusers-layout SD folder lcmkit loads) into `save_dir`.
+
+    `lora_rank` None: full LCD, an LCM pipeline folder. A rank r: LCM-LoRA, `save_dir/pytorch_lora_weights.safetensors`
+    (kohya format, adapters on `lora_targets` with scale `lora_alpha` / r; alpha defaults to r) plus the LCM scheduler
+    config it was distilled for in `save_dir/scheduler`. `ema_decay`, `w_embedding_dim` and `save_target_unet`
+    concern full LCD only.
+    """
 
     teacher: str | Path = "runs/tiny/teacher"
     save_dir: str | Path = "runs/tiny/lcm"
@@ -283,8 +316,21 @@ class DistillConfig:
     ema_decay: float = 0.95
     timestep_scaling: float = 10.0
     save_target_unet: bool = True  # also write the EMA target to <save_dir>/unet_target
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: str | tuple[str, ...] = LCM_LORA_TARGETS  # module-name suffixes, or "lcm" / "attention"
     mixed_precision: str = "no"
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(output_dir="runs/tiny/work/distill"))
+
+    def __post_init__(self) -> None:
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or self.lora_rank < 1):
+            raise ValueError(
+                f"DistillConfig.lora_rank must be None (full LCD) or >= 1, got {self.lora_rank!r}"
+            )
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_rank is not None
 
 
 def lcm_scheduler_for(teacher_scheduler: LCMScheduler, config: DistillConfig) -> LCMScheduler:
@@ -327,8 +373,48 @@ def save_lcm_folder(
     return Path(folder)
 
 
+@dataclass
+class _Student:
+    """What `fit` trains and how the target follows it, for one variant."""
+
+    model: nn.Module  # the module `fit` optimises
+    target: nn.Module  # f_phi^- for the objective
+    extra: dict[str, nn.Module] | None  # checkpointed alongside
+    on_sync_step: Callable[[nn.Module], None] | None
+
+
+def _full_student(teacher: UNet2DConditionModel, config: DistillConfig, device: torch.device) -> _Student:
+    student = make_student(teacher, config.w_embedding_dim)
+    target = copy.deepcopy(student).requires_grad_(False).to(device).eval()
+    return _Student(
+        student, target, {"target": target}, lambda online: ema_update(target, online, config.ema_decay)
+    )
+
+
+def _lora_student(teacher: UNet2DConditionModel, config: DistillConfig) -> _Student:
+    """The (already frozen) teacher with a trainable float32 adapter; the target is that same network."""
+    add_lcm_lora(teacher, config.lora_rank, config.lora_alpha, config.lora_targets)
+    return _Student(LoraStudent(teacher), teacher, None, None)
+
+
+def _lora_info(config: DistillConfig, adapter: LoraStudent) -> dict:
+    """What a LoRA file records about its making (safetensors header metadata)."""
+    return {
+        "rank": config.lora_rank,
+        "alpha": config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        "targets": resolve_targets(config.lora_targets),
+        "layers": len(adapter.state_dict()) // 2,
+        "teacher": str(config.teacher),
+        "steps": config.loop.max_steps,
+        "w_min": config.w_min,
+        "w_max": config.w_max,
+        "original_inference_steps": config.num_ddim_timesteps,
+        "timestep_scaling": config.timestep_scaling,
+    }
+
+
 def distill(config: DistillConfig, accelerator: Accelerator | None = None) -> Path:
-    """Run LCD for `config.loop.max_steps` optimizer steps and save the LCM folder; returns its path."""
+    """Run LCD (or LCM-LoRA) for `config.loop.max_steps` optimizer steps and save the result; returns `save_dir`."""
     accelerator = accelerator or make_accelerator(
         config.loop.gradient_accumulation_steps, config.mixed_precision
     )
@@ -336,13 +422,15 @@ def distill(config: DistillConfig, accelerator: Accelerator | None = None) -> Pa
     parts, _ = load_components(config.teacher, overrides=_NO_SAFETY)
     teacher, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
     torch.manual_seed(config.loop.seed)
-    student = make_student(teacher, config.w_embedding_dim)
-    target = copy.deepcopy(student).requires_grad_(False).to(device).eval()
+    # Full LCD copies the teacher before it is cast to the frozen dtype, so the student starts at full precision.
+    student = None if config.is_lora else _full_student(teacher, config, device)
     for frozen in (teacher, vae, parts["text_encoder"]):
         frozen.requires_grad_(False).to(device, dtype).eval()
+    if student is None:
+        student = _lora_student(teacher, config)
     objective = LCDObjective(
         teacher,
-        target,
+        student.target,
         scheduler,
         vae=vae,
         text_encoder=parts["text_encoder"],
@@ -357,21 +445,24 @@ def distill(config: DistillConfig, accelerator: Accelerator | None = None) -> Pa
     )
     image_size = config.image_size or teacher.config.sample_size * vae.vae_scale_factor
     dataset = open_dataset(config.data, image_size, config.world)
-    student = fit(
+    trained = fit(
         accelerator,
-        student,
+        student.model,
         dataset,
         objective,
         config.loop,
-        extra_modules={"target": target},
-        on_sync_step=lambda online: ema_update(target, online, config.ema_decay),
+        extra_modules=student.extra,
+        on_sync_step=student.on_sync_step,
         name="distill",
     )
     if accelerator.is_main_process:
-        target_out = target if config.save_target_unet else None
-        save_lcm_folder(
-            config.save_dir, student.eval(), config.teacher, lcm_scheduler_for(scheduler, config), target_out
-        )
+        lcm_scheduler = lcm_scheduler_for(scheduler, config)
+        if config.is_lora:
+            save_lcm_lora(config.save_dir, trained.unet, info=_lora_info(config, trained))
+            lcm_scheduler.save_pretrained(Path(config.save_dir) / "scheduler")
+        else:
+            target_out = student.target if config.save_target_unet else None
+            save_lcm_folder(config.save_dir, trained.eval(), config.teacher, lcm_scheduler, target_out)
         work = Path(config.loop.output_dir)
         (work / "distill_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()

@@ -460,6 +460,7 @@ def evaluate_pipelines(
     lcm_steps: Sequence[int] = (1, 2, 4, 8),
     ddim_spacing: str | None = "trailing",
     world: WorldConfig | None = None,
+    max_shapes: int = 2,
     batch_size: int = 50,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
@@ -470,7 +471,8 @@ def evaluate_pipelines(
     negative; the LCM gets the same g (its w-embedding holds w = g - 1, the paper's form of the same guidance).
     `ddim_spacing` overrides the teacher's timestep spacing: "trailing" starts every schedule at t = T - 1, as the
     LCM's does (with SD's "leading" + steps_offset 1, one DDIM step would start at t = 1, from pure noise);
-    None keeps the teacher's config. `reference` holds the real renders' fidelity (the scorer's ceiling) and
+    None keeps the teacher's config. Without `world`, captions come from held-out scenes of up to `max_shapes`
+    shapes (match what the models were trained on). `reference` holds the real renders' fidelity (the scorer's ceiling) and
     `real_vs_real_fid`: the FID of renders of *other* scenes of the world, about what a sampler that draws perfect
     scenes but ignores its captions would get at this n (FID of the very same renders is 0).
     """
@@ -478,7 +480,7 @@ def evaluate_pipelines(
         raise ValueError(f"n_images must be at least 2 (FID fits a covariance), got {n_images}")
     device = torch.device(device) if device is not None else _default_device()
     scorer = (scorer or load_or_train_scorer(scorer_cache)).to(device)
-    world = world or WorldConfig(image_size=scorer.image_size, seed=EVAL_WORLD_SEED)
+    world = world or WorldConfig(image_size=scorer.image_size, seed=EVAL_WORLD_SEED, max_shapes=max_shapes)
     records = [sample_scene(world, i) for i in range(n_images)]
     others = [sample_scene(world, n_images + i) for i in range(n_images)]
     captions = [r.caption for r in records]

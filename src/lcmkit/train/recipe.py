@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,28 +53,35 @@ class StagePlan:
 
 @dataclass
 class RecipeConfig:
+    """The defaults are the recipe of the shipped model (`src/lcmkit/assets/tiny-lcm`), sized for 2 CPU cores."""
+
     out: str | Path = "runs/tiny"
-    architecture: str | Architecture = "tiny"  # a name in ARCHITECTURES, or an Architecture
+    architecture: str | Architecture = "cpu"  # a name in ARCHITECTURES, or an Architecture
     seed: int = 0
-    vae: StagePlan = field(default_factory=lambda: StagePlan(20_000, 64, 2e-4, 500))
-    teacher: StagePlan = field(default_factory=lambda: StagePlan(80_000, 128, 2e-4, 1_000))
-    distill: StagePlan = field(default_factory=lambda: StagePlan(10_000, 64, 5e-5, 200))
-    # Paper-form guidance range; the pipeline's guidance_scale is w + 1, so this covers guidance_scale 2..8.
+    vae: StagePlan = field(default_factory=lambda: StagePlan(1_200, 16, 1e-3, 50))
+    teacher: StagePlan = field(default_factory=lambda: StagePlan(3_500, 32, 5e-4, 200))
+    distill: StagePlan = field(default_factory=lambda: StagePlan(800, 32, 1e-4, 50))
+    # Scenes of one shape: what a 3.5M-parameter UNet learns in a CPU hour (the world can draw more).
+    max_shapes: int = 1
+    # Captions leave out size / position words this often, so "a red circle on a blue background" works.
+    caption_omit: float = 0.25
+    # Paper-form guidance range; the pipeline's guidance_scale is w + 1, so this covers guidance_scale 2..9
+    # (the CLI's default is 8.5).
     w_min: float = 1.0
-    w_max: float = 7.0
+    w_max: float = 8.0
     num_ddim_timesteps: int = 50
-    checkpoint_every: int = 1_000
+    checkpoint_every: int = 500
     log_every: int = 10
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
-    num_workers: int = 4
+    num_workers: int = 1  # scenes are cheap to draw; one worker overlaps it with the step
     resume: bool = False
     progress: bool = True
     sample_captions: tuple[str, ...] = (
         "a large red circle at the top left on a blue background",
         "a small yellow square in the center on a black background",
-        "a large green triangle at the bottom right and a small white diamond at the top left on a purple background",
-        "a large orange diamond at the bottom left on a white background",
+        "a large green triangle at the bottom right on a purple background",
+        "a red circle on a blue background",
     )
 
 
@@ -111,7 +119,12 @@ def _loop(cfg: RecipeConfig, stage: str, plan: StagePlan) -> LoopConfig:
 def _stage_configs(cfg: RecipeConfig) -> tuple[VAETrainConfig, TeacherTrainConfig, DistillConfig]:
     arch = ARCHITECTURES[cfg.architecture] if isinstance(cfg.architecture, str) else cfg.architecture
     out = Path(cfg.out)
-    world = WorldConfig(image_size=arch.image_size, seed=cfg.seed)
+    world = WorldConfig(
+        image_size=arch.image_size,
+        seed=cfg.seed,
+        max_shapes=cfg.max_shapes,
+        caption_omit=cfg.caption_omit,
+    )
     vae = VAETrainConfig(
         save_dir=out / "vae",
         vae=arch.vae,
@@ -168,6 +181,31 @@ def sample_grid(lcm_dir: str | Path, captions: tuple[str, ...], path: str | Path
     canvas[:size, grid.shape[1] :] = reference
     Image.fromarray(canvas).save(path)
     return Path(path)
+
+
+def ship(lcm_dir: str | Path, dest: str | Path, overwrite: bool = False) -> Path:
+    """Copy what a pipeline loads from an LCM folder (model_index.json and the components it names) to `dest`.
+
+    Training extras (`unet_target/`) stay behind. An existing `dest` is replaced only with `overwrite=True`.
+    """
+    src, dest = Path(lcm_dir), Path(dest)
+    index_file = src / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{src} is not a pipeline folder (no model_index.json)")
+    if dest.exists() and not overwrite:
+        raise ValueError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+    index = json.loads(index_file.read_text())
+    parts = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)]
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copy2(index_file, staging / index_file.name)
+    for name in parts:
+        if index[name][0] is not None and (src / name).is_dir():
+            shutil.copytree(src / name, staging / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return dest
 
 
 def _run_stage(
