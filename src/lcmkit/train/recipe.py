@@ -58,8 +58,8 @@ class RecipeConfig:
     out: str | Path = "runs/tiny"
     architecture: str | Architecture = "cpu"  # a name in ARCHITECTURES, or an Architecture
     seed: int = 0
-    vae: StagePlan = field(default_factory=lambda: StagePlan(1_200, 16, 1e-3, 50))
-    teacher: StagePlan = field(default_factory=lambda: StagePlan(3_500, 32, 5e-4, 200))
+    vae: StagePlan = field(default_factory=lambda: StagePlan(2_000, 16, 1e-3, 50))
+    teacher: StagePlan = field(default_factory=lambda: StagePlan(4_000, 32, 5e-4, 200))
     distill: StagePlan = field(default_factory=lambda: StagePlan(800, 32, 1e-4, 50))
     # Scenes of one shape: what a 3.5M-parameter UNet learns in a CPU hour (the world can draw more).
     max_shapes: int = 1
