@@ -1,0 +1,27 @@
+"""Opt-in accelerated runtimes for the models. Nothing here is used unless asked for.
+
+`openvino_unet(pipe.unet, ...)` converts the UNet to an OpenVINO graph compiled for this CPU (fp32, or int8
+through NNCF) and returns a drop-in replacement for `pipe.unet`. Names load lazily, and `openvino` itself is
+imported only when a conversion is requested, so `import lcmkit.accel` never needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "openvino_unet": "lcmkit.accel.openvino",
+    "OpenVINOUNet": "lcmkit.accel.openvino",
+    "UNetInputs": "lcmkit.accel.openvino",
+    "collect_unet_inputs": "lcmkit.accel.openvino",
+    "PRECISIONS": "lcmkit.accel.openvino",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lcmkit.accel' has no attribute {name!r}")
