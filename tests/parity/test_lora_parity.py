@@ -20,26 +20,12 @@ import torch
 from torch import nn
 
 from lcmkit.loading.lora import LoraLayer, LoraLoaderMixin
+from lcmkit.train.distill_lora import LCM_LORA_TARGETS
 
 TOL = 1e-4
 RANK = 4
 PROMPT = "a red circle on a blue background"
-UNET_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-)
+UNET_TARGETS = LCM_LORA_TARGETS  # every layer kind the published LCM-LoRA files adapt
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 

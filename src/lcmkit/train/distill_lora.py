@@ -29,9 +29,8 @@ from lcmkit.nn.lora import LoraLayer, LoraWeights, inject_adapter, lora_layers, 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "lcm"
-LORA_WEIGHT_NAME = LORA_WEIGHT_NAMES[
-    0
-]  # pytorch_lora_weights.safetensors, the name `load_lora_weights` looks for
+# pytorch_lora_weights.safetensors, the name `load_lora_weights` looks for
+LORA_WEIGHT_NAME = LORA_WEIGHT_NAMES[0]
 # Every attention projection, transformer feed-forward, resnet conv and time projection and the resampler convs:
 # the target list of the published LCM-LoRA training scripts (spec §6).
 LCM_LORA_TARGETS = (
