@@ -1,6 +1,6 @@
 """Train lcmkit's tiny real LCM from scratch: VAE -> teacher -> latent consistency distillation -> an LCM folder.
 
-    .venv/bin/python scripts/train_tiny.py --out runs/tiny            # the shipped model's recipe (2 CPU cores: ~1 h)
+    .venv/bin/python scripts/train_tiny.py --out runs/tiny   # the shipped model's recipe (2 idle cores: ~75 min)
     .venv/bin/python scripts/train_tiny.py --out runs/tiny --ship src/lcmkit/assets/tiny-lcm --overwrite
     .venv/bin/python scripts/train_tiny.py --out runs/tiny --resume   # continue a stopped run
     .venv/bin/python scripts/train_tiny.py --out runs/tiny-quick --quick   # smoke run of every stage (CPU, minutes)
