@@ -12,23 +12,13 @@ import copy
 
 import pytest
 import torch
+from helpers.tiny_train import MINUTE_UNET
 
-from lcmkit.config import UNetConfig
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.schedulers import LCMScheduler
 from lcmkit.train.distill import LCDObjective, ema_update, make_student
 
-TEACHER = UNetConfig(
-    sample_size=8,
-    block_out_channels=(16, 32),
-    down_attention=(True, False),
-    up_attention=(False, True),
-    layers_per_block=(1, 1),
-    transformer_layers_per_block=(1, 1),
-    attention_head_dim=(2, 2),
-    cross_attention_dim=16,
-    norm_num_groups=8,
-)
+TEACHER = MINUTE_UNET
 
 
 def _run(loss_type: str, steps: int = 20) -> tuple[list[float], torch.nn.Module, torch.nn.Module]:

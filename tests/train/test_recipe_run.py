@@ -15,8 +15,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_train import MINUTE_UNET
 
-from lcmkit.config import UNetConfig, VAEConfig
+from lcmkit.config import VAEConfig
 from lcmkit.schedulers.lcm_math import make_betas
 from lcmkit.train.recipe import RecipeConfig, StagePlan, run_recipe, ship
 from lcmkit.train.teacher import Architecture, TextEncoderSpec
@@ -26,17 +27,7 @@ MINUTE = Architecture(
     vae=VAEConfig(
         block_out_channels=(8, 16), norm_num_groups=4, sample_size=16, mid_block_add_attention=False
     ),
-    unet=UNetConfig(
-        sample_size=8,
-        block_out_channels=(16, 32),
-        down_attention=(True, False),
-        up_attention=(False, True),
-        layers_per_block=(1, 1),
-        transformer_layers_per_block=(1, 1),
-        attention_head_dim=(2, 2),
-        cross_attention_dim=16,
-        norm_num_groups=8,
-    ),
+    unet=MINUTE_UNET,
     text=TextEncoderSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
 )
 

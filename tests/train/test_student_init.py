@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_train import MINUTE_UNET
 
-from lcmkit.config import UNetConfig, replace
+from lcmkit.config import replace
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.schedulers.lcm_math import guidance_scale_embedding
 from lcmkit.train.distill import make_student
 
-TEACHER = UNetConfig(
-    sample_size=8,
-    block_out_channels=(16, 32),
-    down_attention=(True, False),
-    up_attention=(False, True),
-    layers_per_block=(1, 1),
-    transformer_layers_per_block=(1, 1),
-    attention_head_dim=(2, 2),
-    cross_attention_dim=16,
-    norm_num_groups=8,
-)
+TEACHER = MINUTE_UNET
 
 
 @pytest.fixture(scope="module")
