@@ -1,7 +1,8 @@
-"""Train lcmkit's tiny real LCM from scratch: VAE -> teacher -> latent consistency distillation -> an LCM folder.
+"""Train lcmkit's tiny real LCM from scratch: VAE -> teacher -> latent consistency distillation -> an LCM folder,
+then its fast-mode decoder (a TAESD-layout tiny autoencoder distilled from the VAE; --tiny-vae-steps 0 skips it).
 
-    .venv/bin/python scripts/train_tiny.py --out runs/tiny   # the shipped model's recipe (2 idle cores: ~75 min)
-    .venv/bin/python scripts/train_tiny.py --out runs/tiny --ship src/lcmkit/assets/tiny-lcm --overwrite
+    .venv/bin/python scripts/train_tiny.py --out runs/tiny   # the shipped model's recipe (2 idle cores: ~85 min)
+    .venv/bin/python scripts/train_tiny.py --out runs/tiny --ship src/lcmkit/assets/tiny-lcm --ship-tiny-vae src/lcmkit/assets/tiny-lcm-taesd --overwrite
     .venv/bin/python scripts/train_tiny.py --out runs/tiny --resume   # continue a stopped run
     .venv/bin/python scripts/train_tiny.py --out runs/tiny-quick --quick   # smoke run of every stage (CPU, minutes)
     accelerate launch --num_processes 8 scripts/train_tiny.py --out runs/tiny   # the same recipe on 8 GPUs
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lcmkit.train.recipe import RecipeConfig, StagePlan, quick_config, run_recipe, ship
+from lcmkit.train.recipe import RecipeConfig, StagePlan, quick_config, run_recipe, ship, ship_tiny_vae
 
 
 def _plan(base: StagePlan, steps: int | None, batch: int | None, lr: float | None) -> StagePlan:
@@ -45,10 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", action="store_true", help="skip finished stages, continue from checkpoints"
     )
     parser.add_argument("--seed", type=int, default=0)
-    for stage in ("vae", "teacher", "distill"):
-        parser.add_argument(f"--{stage}-steps", type=int, default=None)
+    for stage in ("vae", "teacher", "distill", "tiny-vae"):
+        parser.add_argument(
+            f"--{stage}-steps", type=int, default=None, help="0 skips" if stage == "tiny-vae" else None
+        )
         parser.add_argument(f"--{stage}-batch-size", type=int, default=None, help="per process")
         parser.add_argument(f"--{stage}-lr", type=float, default=None)
+    parser.add_argument(
+        "--text-pretrain-steps",
+        type=int,
+        default=None,
+        help="next-token pretraining steps of the text encoder before the teacher (0: none)",
+    )
     parser.add_argument(
         "--w-min", type=float, default=None, help="paper-form guidance range (guidance_scale - 1)"
     )
@@ -70,7 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after training, copy the LCM pipeline folder (without training extras) here, "
         "e.g. src/lcmkit/assets/tiny-lcm",
     )
-    parser.add_argument("--overwrite", action="store_true", help="let --ship replace an existing folder")
+    parser.add_argument(
+        "--ship-tiny-vae",
+        default=None,
+        help="after training, copy the tiny autoencoder folder here, e.g. src/lcmkit/assets/tiny-lcm-taesd",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --ship / --ship-tiny-vae replace a folder"
+    )
     return parser.parse_args(argv)
 
 
@@ -78,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
     cfg = quick_config() if args.quick else RecipeConfig()
     overrides = {
         "out": args.out,
+        "text_pretrain_steps": args.text_pretrain_steps,
         "w_min": args.w_min,
         "w_max": args.w_max,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -94,6 +111,9 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         vae=_plan(cfg.vae, args.vae_steps, args.vae_batch_size, args.vae_lr),
         teacher=_plan(cfg.teacher, args.teacher_steps, args.teacher_batch_size, args.teacher_lr),
         distill=_plan(cfg.distill, args.distill_steps, args.distill_batch_size, args.distill_lr),
+        tiny_vae=None
+        if args.tiny_vae_steps == 0 or cfg.tiny_vae is None
+        else _plan(cfg.tiny_vae, args.tiny_vae_steps, args.tiny_vae_batch_size, args.tiny_vae_lr),
     )
 
 
@@ -104,13 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
-    if args.ship and Path(args.ship).exists() and not args.overwrite:
-        parser_error = f"--ship {args.ship} exists; add --overwrite to replace it"
-        raise SystemExit(f"train_tiny.py: error: {parser_error}")
+    for option, dest in (("--ship", args.ship), ("--ship-tiny-vae", args.ship_tiny_vae)):
+        if dest and Path(dest).exists() and not args.overwrite:
+            raise SystemExit(f"train_tiny.py: error: {option} {dest} exists; add --overwrite to replace it")
     cfg = config_from_args(args)
+    if args.ship_tiny_vae and cfg.tiny_vae is None:
+        raise SystemExit(
+            "train_tiny.py: error: --ship-tiny-vae needs the tiny-vae stage (not --tiny-vae-steps 0)"
+        )
     times = run_recipe(cfg)
     if args.ship:
         ship(Path(cfg.out) / "lcm", args.ship, overwrite=args.overwrite)
+    if args.ship_tiny_vae:
+        ship_tiny_vae(Path(cfg.out) / "tiny-vae", args.ship_tiny_vae, overwrite=args.overwrite)
     if "samples" in times:  # the main process
         print(json.dumps(times, indent=2))
 

@@ -128,6 +128,23 @@ def test_tiny_vae_fast_mode(model, tmp_path, capsys):
     assert "--tiny-vae" in capsys.readouterr().err
 
 
+def test_openvino_fast_mode(model, tmp_path, capsys, monkeypatch):
+    """--openvino fp32 gives the eager image (within 1/255) and caches the graph; --freeu is refused with it."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("LCMKIT_OPENVINO_CACHE", str(tmp_path / "cache"))
+    base = ["generate", "a red circle", "--model", str(model), "--steps", "2", "--seed", "3", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*base, "--out", str(tmp_path / "ov"), "--openvino", "fp32"]) == 0
+    eager, fast = (np.asarray(PIL.Image.open(p), dtype=int) for p in capsys.readouterr().out.split())
+    assert eager.shape == fast.shape and np.abs(eager - fast).max() <= 1
+    assert list((tmp_path / "cache").glob("unet-fp32-*.xml"))  # converted once, kept for the next run
+    assert main([*base, "--out", str(tmp_path / "o"), "--openvino", "fp32", "--freeu"]) == 2
+    assert "--freeu cannot be combined with --openvino" in capsys.readouterr().err
+    assert main([*base, "--openvino", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'int8'" in err and "'int8-weights'" in err
+
+
 def test_batch_text_file(model, tmp_path, capsys):
     """One prompt per line (blank lines and # comments skipped), each with the command-line options; a batch bar."""
     prompts = tmp_path / "prompts.txt"
@@ -366,14 +383,23 @@ def test_serve_passes_its_arguments(monkeypatch, tmp_path):
     assert main(argv) == 0
     assert seen[-1] == (
         ("owner/name",),
-        dict(host="0.0.0.0", port=9000, api_key="k", device=None, tiny_vae=None, max_steps=8, queue_size=2),
+        dict(
+            host="0.0.0.0",
+            port=9000,
+            api_key="k",
+            device=None,
+            tiny_vae=None,
+            openvino=None,
+            max_steps=8,
+            queue_size=2,
+        ),
     )
     monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "not-shipped-yet")
     monkeypatch.setenv("LCMKIT_API_KEY", "from-env")
     assert main(["serve"]) == 0
     assert seen[-1] == (
         (None,),
-        dict(host="127.0.0.1", port=7860, api_key="from-env", device=None, tiny_vae=None),
+        dict(host="127.0.0.1", port=7860, api_key="from-env", device=None, tiny_vae=None, openvino=None),
     )
 
 

@@ -36,6 +36,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-lcm"
 """Where the trained tiny model ships; used when `--model` is not given, once this folder exists."""
 FREEU_SD15 = (0.9, 0.2, 1.5, 1.6)  # s1, s2, b1, b2 recommended for SD1.5 by the FreeU authors
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# lcmkit.accel.per_shape.DATA_FREE_PRECISIONS, named here so that the parser does not import torch
+OPENVINO_PRECISIONS = ("fp32", "int8-weights")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEMO_PROMPT = "a red circle on a blue background"
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FOLDER",
         help="fast mode: decode with a tiny VAE (AutoencoderTiny / TAESD folder)",
     )
+    add("--openvino", choices=OPENVINO_PRECISIONS, metavar="PRECISION",
+        help="fast mode: run the UNet with OpenVINO on the CPU, fp32 or int8-weights (converted once per "
+        "image size, cached in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino])")  # fmt: skip
     gen = argparse.ArgumentParser(add_help=False)
     add = gen.add_argument
     add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps (default 4)")
@@ -152,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the prompt (leave out with --prompts)")
     p = sub.add_parser("demo", parents=[common, gen], help="offline smoke run on a tiny RANDOM model (noise)")
     p.set_defaults(
-        model=None, lora=[], freeu=None, vae_tiling=False, tiny_vae=None, strength=0.8, prompts=None
+        model=None,
+        lora=[],
+        freeu=None,
+        vae_tiling=False,
+        tiny_vae=None,
+        openvino=None,
+        strength=0.8,
+        prompts=None,
     )
     p = sub.add_parser("serve", parents=[common, model], help="the HTTP server and web page")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
@@ -161,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tiny-vae", metavar="FOLDER", help="fast mode: decode with a tiny VAE (AutoencoderTiny folder)"
     )
+    p.add_argument("--openvino", choices=OPENVINO_PRECISIONS, metavar="PRECISION",
+                   help="fast mode: the UNet through OpenVINO (CPU only): fp32 or int8-weights")  # fmt: skip
     p.add_argument("--api-key", default=None, help="require this key; default: $LCMKIT_API_KEY if set")
     p.add_argument("--limit", action="append", default=[], type=_arg(parse_limit), metavar="NAME=VALUE",
                    help="a server limit such as max_steps=8; repeatable")  # fmt: skip
@@ -318,6 +332,8 @@ def load_tiny_vae(folder: str, dtype: Any) -> Any:
 
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
     """The pipeline with its LoRAs and switches applied, and the model name written into the infotext."""
+    if args.openvino and args.freeu:
+        raise CliError("--freeu cannot be combined with --openvino (FreeU's FFT does not convert); drop one")
     model = resolve_model(args.model)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -346,7 +362,19 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
         for adapter, (source, _) in zip(names, args.lora, strict=True):
             pipe.load_lora_weights(source, adapter_name=adapter)
         pipe.set_adapters(names, [weight for _, weight in args.lora])
+    if args.openvino:
+        install_openvino(pipe, args.openvino)
     return pipe, name
+
+
+def install_openvino(pipe: Any, precision: str) -> None:
+    """--openvino: the UNet through OpenVINO, with LoRAs baked in at their weights (after they are set)."""
+    try:
+        from lcmkit.accel import use_openvino_unet
+
+        use_openvino_unet(pipe, precision)
+    except (ImportError, ValueError) as e:
+        raise CliError(f"--openvino {precision}: {e}") from None
 
 
 # Output ----------------------------------------------------------------------------------------------------
@@ -437,6 +465,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=key,
         device=args.device,
         tiny_vae=args.tiny_vae,
+        openvino=args.openvino,
         **dict(args.limit),
     )
     return 0

@@ -19,7 +19,7 @@ from helpers.tiny_train import MINUTE_UNET
 
 from lcmkit.config import VAEConfig
 from lcmkit.schedulers.lcm_math import make_betas
-from lcmkit.train.recipe import RecipeConfig, StagePlan, run_recipe, ship
+from lcmkit.train.recipe import RecipeConfig, StagePlan, run_recipe, ship, ship_tiny_vae
 from lcmkit.train.teacher import Architecture, TextEncoderSpec
 
 MINUTE = Architecture(
@@ -41,6 +41,9 @@ def run(tmp_path_factory):
         vae=StagePlan(2, 4, 1e-3),
         teacher=StagePlan(2, 4, 1e-3),
         distill=StagePlan(2, 2, 1e-4),
+        tiny_vae=StagePlan(2, 2, 1e-3),
+        tiny_vae_channels=4,
+        text_pretrain_steps=2,
         num_ddim_timesteps=25,
         checkpoint_every=1,
         log_every=1,
@@ -55,11 +58,12 @@ def test_stages_write_their_records(run):
     cfg, times = run
     out = cfg.out
     assert json.loads((out / "times.json").read_text()) == times
-    for stage in ("vae", "teacher", "distill"):
+    for stage in ("vae", "teacher", "distill", "tiny-vae"):
         assert times[stage]["seconds"] > 0 and times[stage]["steps"] == 2 and not times[stage]["skipped"]
-        rows = (out / "work" / stage / f"{stage}_loss.csv").read_text().splitlines()
+        log = out / "work" / stage / f"{stage.replace('-', '_')}_loss"
+        rows = log.with_suffix(".csv").read_text().splitlines()
         assert len(rows) == 3 and all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
-        assert (out / "work" / stage / f"{stage}_loss.png").is_file()
+        assert log.with_suffix(".png").is_file()
     assert (out / "samples.png").is_file()
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215 and vae_config["scaling_factor"] > 0
@@ -100,7 +104,7 @@ def test_resume_skips_finished_stages(run):
     cfg, first = run
     first = json.loads(json.dumps(first))  # a snapshot: the resumed run must not rewrite history
     times = run_recipe(dataclasses.replace(cfg, resume=True))
-    for stage in ("vae", "teacher", "distill"):
+    for stage in ("vae", "teacher", "distill", "tiny-vae"):
         assert times[stage]["skipped"]
         assert times[stage]["seconds"] == first[stage]["seconds"]  # the record of the run that did the work
     assert json.loads((cfg.out / "times.json").read_text()) == times
@@ -129,3 +133,25 @@ def test_ship_copies_only_what_the_pipeline_loads(run, tmp_path):
     assert not (dest / "keep.txt").exists() and (dest / "unet" / "config.json").is_file()
     with pytest.raises(ValueError, match="model_index.json"):
         ship(tmp_path, tmp_path / "other")
+
+
+def test_tiny_vae_stage_imitates_the_vae_and_ships(run, tmp_path):
+    """The tiny-vae stage writes an AutoencoderTiny folder at the VAE's pixels-per-latent factor that decodes the
+    VAE's scaled latents to images of the right size; `ship_tiny_vae` copies it without replacing a folder unasked."""
+    from lcmkit.models.tiny_vae import AutoencoderTiny
+    from lcmkit.models.vae import AutoencoderKL
+
+    cfg, _ = run
+    tiny = AutoencoderTiny.from_pretrained(cfg.out / "tiny-vae")
+    vae = AutoencoderKL.from_pretrained(cfg.out / "vae")
+    assert tiny.config.decoder_scale == vae.vae_scale_factor == tiny.config.encoder_scale
+    latents = torch.randn(1, vae.config.latent_channels, 4, 4)
+    assert tiny.decode(latents).sample.shape == (1, 3, 4 * vae.vae_scale_factor, 4 * vae.vae_scale_factor)
+    rows = (cfg.out / "work" / "tiny-vae" / "tiny_vae_loss.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["step", "loss"] and len(rows) == 3
+    dest = ship_tiny_vae(cfg.out / "tiny-vae", tmp_path / "taesd")
+    assert (dest / "config.json").is_file()
+    with pytest.raises(ValueError, match="exists"):
+        ship_tiny_vae(cfg.out / "tiny-vae", dest)
+    with pytest.raises(ValueError, match="config.json"):
+        ship_tiny_vae(tmp_path / "nothing", tmp_path / "other")

@@ -1,7 +1,8 @@
 """Opt-in accelerated runtimes for the models. Nothing here is used unless asked for.
 
 `openvino_unet(pipe.unet, ...)` converts the UNet to an OpenVINO graph compiled for this CPU (fp32, or int8
-through NNCF) and returns a drop-in replacement for `pipe.unet`. Names load lazily, and `openvino` itself is
+through NNCF) and returns a drop-in replacement for `pipe.unet`; `use_openvino_unet(pipe)` installs one that
+converts per image size on first use (what the CLI's and the server's `--openvino` do). Names load lazily, and `openvino` itself is
 imported only when a conversion is requested, so `import lcmkit.accel` never needs it.
 """
 
@@ -16,6 +17,8 @@ _EXPORTS = {
     "UNetInputs": "lcmkit.accel.openvino",
     "collect_unet_inputs": "lcmkit.accel.openvino",
     "PRECISIONS": "lcmkit.accel.openvino",
+    "OpenVINOUNetPerShape": "lcmkit.accel.per_shape",
+    "use_openvino_unet": "lcmkit.accel.per_shape",
 }
 
 __all__ = sorted(_EXPORTS)

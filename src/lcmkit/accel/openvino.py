@@ -112,7 +112,34 @@ class _Positional(nn.Module):
         return out[0]
 
 
-class OpenVINOUNet:
+class OpenVINOStandIn:
+    """What every OpenVINO stand-in for `pipe.unet` shares: float32 on the CPU, FreeU refused, calls go to forward."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        raise ValueError(
+            "FreeU cannot be switched on an OpenVINO UNet: the graph is fixed at conversion and FreeU's FFT does "
+            "not convert. Use the eager UNet for FreeU."
+        )
+
+    def disable_freeu(self) -> None:
+        """FreeU is always off here (conversion refuses a UNet with FreeU on), so there is nothing to do."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        raise NotImplementedError
+
+
+class OpenVINOUNet(OpenVINOStandIn):
     """A compiled OpenVINO UNet that stands in for `pipe.unet`: same call and output as our UNet's forward for
     what the pipelines pass, and the `config`, `dtype`, `device` attributes they read.
 
@@ -137,32 +164,12 @@ class OpenVINOUNet:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
     def __repr__(self) -> str:
         h, w = self.latent_size
         return (
             f"OpenVINOUNet(precision={self.precision!r}, batch_size={self.batch_size}, latent={h}x{w}, "
             f"text_tokens={self.text_tokens})"
         )
-
-    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        raise ValueError(
-            "FreeU cannot be switched on an OpenVINO UNet: the graph is fixed at conversion and FreeU's FFT does "
-            "not convert. Use the eager UNet for FreeU."
-        )
-
-    def disable_freeu(self) -> None:
-        """FreeU is always off here (conversion refuses a UNet with FreeU on), so there is nothing to do."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> UNet2DConditionOutput | tuple[torch.Tensor]:
-        return self.forward(*args, **kwargs)
 
     def forward(
         self,
@@ -254,8 +261,11 @@ def _input_shapes(config: Any, batch: int, h: int, w: int, text_tokens: int) -> 
 
 
 def _check_unet(unet: nn.Module) -> None:
-    if isinstance(unet, OpenVINOUNet):
-        raise ValueError("this UNet is already an OpenVINOUNet; convert the eager UNet instead")
+    if not isinstance(unet, nn.Module):
+        raise ValueError(
+            f"expected the eager UNet (a torch module), got {type(unet).__name__}: an OpenVINO UNet is already "
+            "converted; convert the eager UNet instead"
+        )
     dtype = next(unet.parameters()).dtype
     if dtype != torch.float32:
         raise ValueError(

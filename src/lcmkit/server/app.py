@@ -296,13 +296,16 @@ def serve(
     api_key: str | None = None,
     device: str | None = None,
     tiny_vae: str | None = None,
+    openvino: str | None = None,
     **limits: Any,
 ) -> None:
     """Load `model` (a diffusers-layout folder or hub id; None builds the tiny random demo model) and serve it.
 
     `api_key` falls back to the environment variable LCMKIT_API_KEY. `limits` are `Settings` fields
     (max_width, max_steps, queue_size, ...). On CUDA the model runs in float16, elsewhere in float32.
-    `tiny_vae` is an AutoencoderTiny (TAESD layout) folder to decode with (fast mode).
+    `tiny_vae` is an AutoencoderTiny (TAESD layout) folder to decode with (fast mode). `openvino` ("fp32" or
+    "int8-weights") runs the UNet through OpenVINO on the CPU, converted once per requested size
+    (`lcmkit.accel.use_openvino_unet`).
     """
     import torch
     import uvicorn
@@ -333,6 +336,10 @@ def serve(
 
             pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae, torch_dtype=dtype)
         pipe.to(device)
+        if openvino:
+            from lcmkit.accel import use_openvino_unet
+
+            use_openvino_unet(pipe, openvino)
         if not _is_loopback(host) and not api_key:
             logger.warning(
                 "serving on %s without an API key: anyone who can reach this port can generate", host

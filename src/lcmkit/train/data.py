@@ -229,12 +229,16 @@ class SyntheticShapes(Dataset):
         return sample_scene(self.config, index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return to_tensor(render_scene(self.record(index))), self.caption(index)
+
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption, without drawing its image."""
         record = self.record(index)
         if self.config.caption_omit == 0:
-            return to_tensor(render_scene(record)), record.caption
+            return record.caption
         # Its own stream (not the scene's), so the scenes stay those of the same world without omission.
         rng = np.random.default_rng([self.config.seed, index, 1])
-        return to_tensor(render_scene(record)), record.loose_caption(rng, self.config.caption_omit)
+        return record.loose_caption(rng, self.config.caption_omit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -268,6 +272,9 @@ class _CaptionedFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         path, caption = self.items[index]
         return load_image(path, self.size), caption
+
+    def caption(self, index: int) -> str:
+        return self.items[index][1]
 
 
 def image_folder_dataset(folder: str | Path, size: int = 64) -> Dataset:

@@ -30,7 +30,8 @@ from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.models.vae import AutoencoderKL
 from lcmkit.schedulers import LCMScheduler
 from lcmkit.train.data import WorldConfig, open_dataset, world_words
-from lcmkit.train.loop import LoopConfig, fit, frozen_dtype, make_accelerator
+from lcmkit.train.loop import LoopConfig, fit, frozen_dtype, latest_checkpoint, make_accelerator
+from lcmkit.train.text_pretrain import TextPretrainConfig, dataset_captions, pretrain_text_encoder
 from lcmkit.train.tokenizer import write_word_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -382,6 +383,8 @@ class TeacherTrainConfig:
     # Learning-rate multiplier of the text encoder. At the full rate a from-scratch encoder pulled all caption
     # embeddings together in our CPU trials (the UNet then ignores text); 0 freezes it at its random init.
     text_encoder_lr_scale: float = 0.1
+    # Next-token pretraining of the text encoder on the captions before the diffusion loss (text_pretrain.py).
+    text_pretrain: TextPretrainConfig = field(default_factory=TextPretrainConfig)
     scheduler: dict = field(default_factory=ddpm_scheduler_config)
     mixed_precision: str = "no"
     loop: LoopConfig = field(
@@ -412,6 +415,14 @@ def train_teacher(config: TeacherTrainConfig, accelerator: Accelerator | None = 
     scheduler = LCMScheduler.from_config(config.scheduler)
     objective = DiffusionObjective(vae, tokenizer, scheduler, config.caption_dropout)
     dataset = open_dataset(config.data, config.image_size, config.world)
+    resume = config.loop.resume
+    resuming = bool(resume) and (resume is not True or latest_checkpoint(config.loop.output_dir) is not None)
+    if config.text_pretrain.steps and not resuming:  # a checkpoint holds the pretrained encoder already
+        captions = dataset_captions(dataset, config.text_pretrain.caption_pool)
+        losses = pretrain_text_encoder(
+            model.text_encoder, tokenizer, captions, config.text_pretrain, accelerator.device
+        )
+        logger.info("text encoder pretrained: next-token loss %.4f -> %.4f", losses[0], losses[-1])
     if config.text_encoder_lr_scale == 0:
         model.text_encoder.requires_grad_(False)
     scales = {"text_encoder": config.text_encoder_lr_scale}
