@@ -152,7 +152,7 @@ def test_cli_default_model_is_the_shipped_one(tmp_path, capsys):
 
 def test_shipped_tiny_vae_imitates_the_models_vae(ours):
     """The shipped TAESD-layout decoder turns the VAE's latents of held-out scenes into nearly the VAE's images:
-    mean PSNR >= 25 dB (measured 28.1 dB on 100 scenes). The CLI test above runs it through --tiny-vae."""
+    mean PSNR >= 27 dB (measured 30.1 dB on 100 scenes). The CLI test above runs it through --tiny-vae."""
     from lcmkit.models.tiny_vae import AutoencoderTiny
     from lcmkit.train.data import WorldConfig, sample_scene
     from lcmkit.train.eval import EVAL_WORLD_SEED, render_batch
@@ -166,7 +166,7 @@ def test_shipped_tiny_vae_imitates_the_models_vae(ours):
     with torch.no_grad():
         z = ours.vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(0)) * s
         exact = ours.vae.decode(z / s).sample.clamp(-1, 1)
-        fast = tiny.decode(z).sample.clamp(-1, 1)
+        fast = tiny.decode(z / tiny.config.scaling_factor).sample.clamp(-1, 1)  # as the pipeline decodes
     mse = ((fast - exact) / 2).pow(2).flatten(1).mean(1)
     psnr = float((10 * torch.log10(1 / mse)).mean())
-    assert psnr >= 25, f"tiny decoder PSNR against the VAE {psnr:.1f} dB"
+    assert psnr >= 27, f"tiny decoder PSNR against the VAE {psnr:.1f} dB"

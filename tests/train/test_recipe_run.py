@@ -145,6 +145,7 @@ def test_tiny_vae_stage_imitates_the_vae_and_ships(run, tmp_path):
     tiny = AutoencoderTiny.from_pretrained(cfg.out / "tiny-vae")
     vae = AutoencoderKL.from_pretrained(cfg.out / "vae")
     assert tiny.config.decoder_scale == vae.vae_scale_factor == tiny.config.encoder_scale
+    assert tiny.config.scaling_factor >= 1.0  # fitted so the latents fit TAESD's input clamp
     latents = torch.randn(1, vae.config.latent_channels, 4, 4)
     assert tiny.decode(latents).sample.shape == (1, 3, 4 * vae.vae_scale_factor, 4 * vae.vae_scale_factor)
     rows = (cfg.out / "work" / "tiny-vae" / "tiny_vae_loss.csv").read_text().splitlines()

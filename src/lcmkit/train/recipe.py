@@ -65,7 +65,7 @@ class RecipeConfig:
     teacher: StagePlan = field(default_factory=lambda: StagePlan(4_000, 32, 5e-4, 200))
     distill: StagePlan = field(default_factory=lambda: StagePlan(800, 32, 1e-4, 50))
     # The fast-mode decoder: a TAESD-layout autoencoder distilled from the VAE (train/tiny_autoencoder.py); None skips.
-    tiny_vae: StagePlan | None = field(default_factory=lambda: StagePlan(600, 16, 1e-3, 50))
+    tiny_vae: StagePlan | None = field(default_factory=lambda: StagePlan(800, 16, 1e-3, 50))
     tiny_vae_channels: int = 32
     # Next-token pretraining of the text encoder before the teacher's diffusion loss (train/text_pretrain.py).
     # Off in the shipped recipe: in our one CPU run with 300 steps the teacher's text conditioning had not taken

@@ -3,10 +3,12 @@
 TAESD itself is distilled from the SD VAE; this does the same for a VAE of our own (the shipped tiny model's), so
 that fast mode can be measured on a model we have. Both halves learn from the frozen VAE, on the training images:
 
-- the tiny decoder maps the VAE's *scaled* latents z (what a UNet makes; TAESD's convention, `scaling_factor` 1)
-  to what the VAE decodes from them: L1 + L2 against `vae.decode(z / s)`, so it imitates exact mode rather than
-  the data, and PSNR against exact-mode images is what it is trained for;
-- the tiny encoder maps an image to the VAE's scaled posterior mean (L2), so img2img can encode with it too.
+- the tiny decoder maps the VAE's *scaled* latents z (what a UNet makes), divided by its own `scaling_factor` t (as
+  pipelines divide before decoding; TAESD has t = 1, here t is fitted so the latents fit TAESD's input clamp), to
+  what the VAE decodes from them: L1 + L2 against `vae.decode(z / s)`, so it imitates exact mode rather than the
+  data, and PSNR against exact-mode images is what it is trained for;
+- the tiny encoder maps an image to the VAE's scaled posterior mean over t (L2; pipelines multiply by t after
+  encoding), so img2img can encode with it too.
 
 The result is an `AutoencoderTiny` folder (config.json + safetensors) that `pipe.vae = AutoencoderTiny.from_pretrained`
 and the CLI's `--tiny-vae` load, and that diffusers' `AutoencoderTiny` loads as well.
@@ -40,13 +42,33 @@ class TinyAutoencoderTrainConfig:
     data: str | None = None  # None: the synthetic world; else an image folder or a .jsonl file
     world: WorldConfig | None = None
     channels: int = 32
+    # The tiny model's `scaling_factor`: it sees the VAE's scaled latents divided by this. TAESD's decoder soft-clamps
+    # its input to (-3, 3), so latents that reach further (this VAE's reach |z| ~ 9) must be shrunk to fit.
+    # None: fitted, so that 99.9% of sampled latent values lie within +-2.5.
+    latent_scale: float | None = None
     mixed_precision: str = "no"
     loop: LoopConfig = field(
         default_factory=lambda: LoopConfig(output_dir="runs/tiny/work/tiny-vae", learning_rate=1e-3)
     )
 
 
-def tiny_config_for(vae: AutoencoderKL, channels: int) -> TinyVAEConfig:
+@torch.no_grad()
+def fit_latent_scale(vae: AutoencoderKL, dataset: torch.utils.data.Dataset, samples: int = 512) -> float:
+    """max(1, q / 2.5) for q the 99.9th percentile of |scaled latent| over the first `samples` images (fixed seed)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    generator = torch.Generator().manual_seed(0)
+    values, seen = [], 0
+    for images, _ in loader:
+        posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        values.append(posterior.sample(generator=generator).float().abs().flatten().cpu())
+        seen += len(images)
+        if seen >= samples:
+            break
+    q = float(torch.quantile(torch.cat(values)[:1_000_000], 0.999)) * vae.config.scaling_factor
+    return max(1.0, round(q / 2.5, 3))
+
+
+def tiny_config_for(vae: AutoencoderKL, channels: int, latent_scale: float = 1.0) -> TinyVAEConfig:
     """TAESD's layout at the VAE's pixels-per-latent factor (one stage per factor of 2, plus the first)."""
     factor = vae.vae_scale_factor
     stages = int(math.log2(factor)) + 1
@@ -58,6 +80,7 @@ def tiny_config_for(vae: AutoencoderKL, channels: int) -> TinyVAEConfig:
         num_encoder_blocks=(1,) + (3,) * (stages - 1),
         num_decoder_blocks=(3,) * (stages - 1) + (1,),
         latent_channels=vae.config.latent_channels,
+        scaling_factor=latent_scale,
     )
 
 
@@ -75,9 +98,10 @@ class _BothHalves(nn.Module):
 class ImitateVAE:
     """The loss: tiny decoder vs the VAE's decode of the same scaled latents, tiny encoder vs the scaled mean."""
 
-    def __init__(self, vae: AutoencoderKL) -> None:
+    def __init__(self, vae: AutoencoderKL, tiny_scale: float = 1.0) -> None:
         self.vae = vae
         self.scale = vae.config.scaling_factor
+        self.tiny_scale = tiny_scale  # the pipeline hands the tiny decoder latents / its scaling_factor
 
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, list[str]]) -> tuple:
         images, _ = batch
@@ -86,7 +110,8 @@ class ImitateVAE:
             latents = posterior.sample().float() * self.scale
             target = self.vae.decode(latents / self.scale).sample.float().clamp(-1, 1)
             mean = posterior.mean.float() * self.scale
-        encoded, decoded = model(images, latents)
+        encoded, decoded = model(images, latents / self.tiny_scale)
+        mean = mean / self.tiny_scale
         decoder = F.l1_loss(decoded.float(), target) + F.mse_loss(decoded.float(), target)
         encoder = F.mse_loss(encoded.float(), mean)
         return decoder + encoder, {"decoder": decoder, "encoder": encoder}
@@ -102,9 +127,10 @@ def train_tiny_autoencoder(
     vae = AutoencoderKL.from_pretrained(config.vae_dir).to(accelerator.device).eval()
     vae.requires_grad_(False)
     dataset = open_dataset(config.data, config.image_size, config.world)
+    scale = config.latent_scale or fit_latent_scale(vae, dataset)
     torch.manual_seed(config.loop.seed)
-    tiny = AutoencoderTiny(tiny_config_for(vae, config.channels))
-    model = fit(accelerator, _BothHalves(tiny), dataset, ImitateVAE(vae), config.loop, name="tiny_vae")
+    tiny = AutoencoderTiny(tiny_config_for(vae, config.channels, scale))
+    model = fit(accelerator, _BothHalves(tiny), dataset, ImitateVAE(vae, scale), config.loop, name="tiny_vae")
     tiny = model.tiny.eval()
     if accelerator.is_main_process:
         tiny.save_pretrained(config.save_dir)
