@@ -203,24 +203,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. quality on the held-out run: one call (the mid step) and the whole sampler
     probe = held_out[len(held_out) // 2]
-    with torch.inference_mode():
-        ref = unet(
-            probe.sample,
-            probe.timestep,
-            probe.encoder_hidden_states,
-            timestep_cond=probe.timestep_cond,
-            return_dict=False,
-        )[0]
+    ref = probe.run(unet)
     quality: dict[str, dict[str, float]] = {}
     for name, fn in variants.items():
-        with torch.inference_mode():
-            out = fn(
-                probe.sample,
-                probe.timestep,
-                probe.encoder_hidden_states,
-                timestep_cond=probe.timestep_cond,
-                return_dict=False,
-            )[0]
+        out = probe.run(fn)
         x0, _ = lcm_sample(
             fn, held_run["x_t"], held_run["context"], held_run["w_emb"], args.steps, held_run["seed"]
         )

@@ -57,15 +57,7 @@ def _image(pipe: LatentConsistencyModelPipeline, seed: int = 0, **kwargs) -> np.
 
 
 def _call(unet, item: UNetInputs, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return unet(
-            item.sample,
-            item.timestep,
-            item.encoder_hidden_states,
-            timestep_cond=item.timestep_cond,
-            return_dict=False,
-            **kwargs,
-        )[0]
+    return item.run(unet, **kwargs)
 
 
 def _max_diff(a, b) -> float:

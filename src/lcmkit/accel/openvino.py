@@ -73,6 +73,18 @@ class UNetInputs:
     encoder_hidden_states: torch.Tensor
     timestep_cond: torch.Tensor | None = None
 
+    def run(self, unet: Any, **kwargs: Any) -> torch.Tensor:
+        """Call `unet` (eager or OpenVINO) on these inputs, without autograd; returns its output tensor."""
+        with torch.inference_mode():
+            return unet(
+                self.sample,
+                self.timestep,
+                self.encoder_hidden_states,
+                timestep_cond=self.timestep_cond,
+                return_dict=False,
+                **kwargs,
+            )[0]
+
 
 def _timestep_vector(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
     """A number, 0-d, (1,) or (batch,) timestep as float32 (batch,), the form the compiled graph takes.

@@ -281,6 +281,12 @@ def fit_scaling_factor(vae: AutoencoderKL, dataset: torch.utils.data.Dataset, sa
 
     The first `samples` images and a fixed CPU generator: every process of a multi-GPU run gets the same number.
     """
+    return float(1.0 / sample_latents(vae, dataset, samples).std())
+
+
+@torch.no_grad()
+def sample_latents(vae: AutoencoderKL, dataset: torch.utils.data.Dataset, samples: int = 512) -> torch.Tensor:
+    """Unscaled latents q(z | x) of the first `samples` images, drawn with a fixed CPU generator (seed 0)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     generator = torch.Generator().manual_seed(0)
     latents, seen = [], 0
@@ -290,7 +296,7 @@ def fit_scaling_factor(vae: AutoencoderKL, dataset: torch.utils.data.Dataset, sa
         seen += len(images)
         if seen >= samples:
             break
-    return float(1.0 / torch.cat(latents)[:samples].std())
+    return torch.cat(latents)[:samples]
 
 
 def train_vae(config: VAETrainConfig, accelerator: Accelerator | None = None) -> AutoencoderKL:

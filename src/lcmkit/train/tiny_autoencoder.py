@@ -30,6 +30,7 @@ from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
 from lcmkit.models.vae import AutoencoderKL
 from lcmkit.train.data import WorldConfig, open_dataset
 from lcmkit.train.loop import LoopConfig, fit, make_accelerator
+from lcmkit.train.teacher import sample_latents
 
 
 @dataclass
@@ -52,19 +53,10 @@ class TinyAutoencoderTrainConfig:
     )
 
 
-@torch.no_grad()
 def fit_latent_scale(vae: AutoencoderKL, dataset: torch.utils.data.Dataset, samples: int = 512) -> float:
     """max(1, q / 2.5) for q the 99.9th percentile of |scaled latent| over the first `samples` images (fixed seed)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
-    generator = torch.Generator().manual_seed(0)
-    values, seen = [], 0
-    for images, _ in loader:
-        posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        values.append(posterior.sample(generator=generator).float().abs().flatten().cpu())
-        seen += len(images)
-        if seen >= samples:
-            break
-    q = float(torch.quantile(torch.cat(values)[:1_000_000], 0.999)) * vae.config.scaling_factor
+    values = sample_latents(vae, dataset, samples).abs().flatten()[:1_000_000]
+    q = float(torch.quantile(values, 0.999)) * vae.config.scaling_factor
     return max(1.0, round(q / 2.5, 3))
 
 
