@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_vs_diffusers.py --quick           # 256² only, 1 repetition: a few minutes
     .venv/bin/python benchmarks/bench_vs_diffusers.py                   # 256² and 512², 3 repetitions
     .venv/bin/python benchmarks/bench_vs_diffusers.py --quick --fast    # plus TAESD and sub-pixel decoder columns
+    .venv/bin/python benchmarks/bench_vs_diffusers.py --fast --openvino int8-weights int8   # plus OpenVINO UNets
 
 Weights are random with the SD1.5 architecture (UNet with `time_cond_proj_dim=256`, the SD VAE, a CLIP ViT-L/14 text
 encoder), built once with a fixed seed and saved as a diffusers `LatentConsistencyModelPipeline` folder at
@@ -216,6 +217,16 @@ class StageTimer:
         self._starts: dict[str, float] = {}
         self._handles: list[Any] = []
         self._original_decode: Callable | None = None
+        self._wrapped: list[Any] = []
+
+    def _timed(self, name: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.times.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+
+        return timed
 
     def _pre(self, name: str) -> Callable:
         def hook(*_: Any) -> None:
@@ -232,25 +243,24 @@ class StageTimer:
     def __enter__(self) -> StageTimer:
         for name in ("text_encoder", "unet"):
             module = getattr(self.pipe, name)
-            self._handles += [
-                module.register_forward_pre_hook(self._pre(name)),
-                module.register_forward_hook(self._post(name)),
-            ]
+            if isinstance(module, torch.nn.Module):
+                self._handles += [
+                    module.register_forward_pre_hook(self._pre(name)),
+                    module.register_forward_hook(self._post(name)),
+                ]
+            else:  # an OpenVINO stand-in: its __call__ goes through forward, shadowed here on the instance
+                self._wrapped.append(module)
+                module.forward = self._timed(name, module.forward)
         vae = self.pipe.vae
         self._original_decode = vae.decode
-
-        def timed_decode(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            out = self._original_decode(*args, **kwargs)
-            self.times.setdefault("vae_decode", []).append(time.perf_counter() - t0)
-            return out
-
-        vae.decode = timed_decode  # shadows the method on this instance only
+        vae.decode = self._timed("vae_decode", vae.decode)  # shadows the method on this instance only
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
+        for module in self._wrapped:
+            del module.forward
         del self.pipe.vae.decode  # back to the class's method
 
 
@@ -447,6 +457,59 @@ def bench_fast(ours: Any, size: int, reps: int) -> dict[str, Any]:
     }
 
 
+CALIBRATION_PROMPTS = (
+    "a watercolor painting of a lighthouse at dusk",
+    "a close-up photo of a red fox in the snow",
+    "an isometric illustration of a tiny city",
+    "a portrait of an old sailor, oil on canvas",
+)
+
+
+def bench_openvino(ours: Any, size: int, reps: int, precisions: list[str], cache: Path) -> dict[str, Any]:
+    """lcmkit + TAESD with the UNet compiled by OpenVINO at each precision (fixed shape: batch 1, this size).
+
+    Conversion (and, for "int8", calibration on 4 prompts of this size) is timed apart from generation; converted
+    graphs are cached under `cache`, so a rerun reports a cache read instead (`converted_from_cache`).
+    """
+    from lcmkit.accel.openvino import collect_unet_inputs, openvino_unet
+
+    out: dict[str, Any] = {}
+    for precision in precisions:
+        t0 = time.perf_counter()
+        calibration = None
+        if precision in ("int8", "int8-hybrid"):
+            calibration = collect_unet_inputs(
+                ours,
+                CALIBRATION_PROMPTS,
+                height=size,
+                width=size,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+            )
+        calibrate_s = time.perf_counter() - t0
+        cached = any(cache.glob(f"unet-{precision}-*.xml"))
+        t0 = time.perf_counter()
+        unet = openvino_unet(ours.unet, height=size, width=size, precision=precision, calibration=calibration,
+                             cache_dir=cache)  # fmt: skip
+        convert_s = time.perf_counter() - t0
+        fast = tiny_pipe(ours)
+        fast.unet = unet
+        generate(fast, size)  # warm-up
+        runs = [timed_run(fast, size)[0] for _ in range(reps)]
+        out[precision] = {
+            "summary": summarize(runs),
+            "runs": runs,
+            "calibration_s": calibrate_s,
+            "convert_and_compile_s": convert_s,
+            "converted_from_cache": cached,
+        }
+        print(f"  OpenVINO {precision} + TAESD: {out[precision]['summary']['end_to_end_s']:.2f} s "
+              f"(convert + compile {convert_s:.0f} s, calibration {calibrate_s:.0f} s)", flush=True)  # fmt: skip
+        del fast, unet, calibration
+        gc.collect()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -493,17 +556,20 @@ def efficiency(result: dict[str, Any], peak: float) -> dict[str, dict[str, float
 def print_table(size: int, result: dict[str, Any], peak: float) -> None:
     s = result["summary"]
     fast = result.get("fast", {}).get("taesd")
+    extra = {"lcmkit+TAESD": fast} if fast else {}
+    for precision, ov in result.get("openvino", {}).items():
+        extra[f"OV {precision}+TAESD"] = ov["summary"]
     head = f"{'stage (median s)':22s}{'diffusers':>11s}{'lcmkit':>11s}{'speedup':>9s}"
     print(
         f"\n{size}x{size}  (speedup = diffusers / lcmkit)"
-        + ("; lcmkit+TAESD: random weights" if fast else "")
+        + ("; fast columns use a random-weight TAESD: speed only" if extra else "")
     )
-    print(head + (f"{'lcmkit+TAESD':>14s}" if fast else ""))
+    print(head + "".join(f"{name:>22s}" for name in extra))
     for key in ("text_encoder_s", "unet_call_s", "unet_total_s", "vae_decode_s", "other_s", "end_to_end_s"):
         d, o = s["diffusers"][key], s["lcmkit"][key]
         line = f"{key[:-2]:22s}{d:11.3f}{o:11.3f}{d / o:9.2f}x"
-        if fast:
-            line += f"{fast[key]:14.3f}"
+        for col in extra.values():
+            line += f"{col[key]:13.3f} ({d / col[key]:5.2f}x)"
         print(line)
     for lib, g in result["gflops"].items():
         print(
@@ -524,6 +590,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="256x256 only, 1 repetition")
     p.add_argument("--fast", action="store_true", help="add lcmkit+TAESD and sub-pixel VAE decode columns")
+    p.add_argument(
+        "--openvino",
+        nargs="+",
+        default=[],
+        choices=("fp32", "int8-weights", "int8"),
+        help="add lcmkit + TAESD + OpenVINO UNet columns at these precisions (needs the openvino extra)",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 256 512)")
     p.add_argument(
         "--reps", type=int, default=None, help="timed repetitions per size (default 3; 1 with --quick)"
@@ -591,6 +664,13 @@ def main(argv: list[str] | None = None) -> None:
         result["flops"] = {lib: count_flops(pipes[lib], size) for lib in pipes}
         if args.fast:
             result["fast"] = bench_fast(pipes["lcmkit"], size, args.reps)
+        if args.openvino:
+            cache = args.model_dir.with_name(args.model_dir.name + "-openvino")
+            result["openvino"] = bench_openvino(pipes["lcmkit"], size, args.reps, args.openvino, cache)
+            result["speedup_diffusers_over_openvino_taesd"] = {
+                p: result["summary"]["diffusers"]["end_to_end_s"] / r["summary"]["end_to_end_s"]
+                for p, r in result["openvino"].items()
+            }
         result["gflops"] = efficiency(result, peak)
         result["speedup_diffusers_over_lcmkit"] = {
             k: result["summary"]["diffusers"][k] / result["summary"]["lcmkit"][k]

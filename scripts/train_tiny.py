@@ -59,6 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="next-token pretraining steps of the text encoder before the teacher (0: none)",
     )
     parser.add_argument(
+        "--tiny-vae-sampler-pool",
+        type=int,
+        default=None,
+        help="LCM latents drawn once for the tiny decoder to learn on (default 1024)",
+    )
+    parser.add_argument(
+        "--noise-offset",
+        type=float,
+        default=None,
+        help="offset noise of the teacher and distillation (default 0.2; 0: plain DDPM noise)",
+    )
+    parser.add_argument(
         "--w-min", type=float, default=None, help="paper-form guidance range (guidance_scale - 1)"
     )
     parser.add_argument("--w-max", type=float, default=None)
@@ -95,6 +107,8 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
     overrides = {
         "out": args.out,
         "text_pretrain_steps": args.text_pretrain_steps,
+        "noise_offset": args.noise_offset,
+        "tiny_vae_sampler_pool": args.tiny_vae_sampler_pool,
         "w_min": args.w_min,
         "w_max": args.w_max,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,

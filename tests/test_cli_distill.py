@@ -10,6 +10,7 @@ tests/train/test_lcm_lora.py.)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,14 @@ def test_full_distill_writes_an_lcm_folder_that_samples(teacher, tmp_path, capsy
     import lcmkit
 
     out = tmp_path / "lcm"
-    assert main(["distill", "--teacher", str(teacher), "--out", str(out), *FAST]) == 0
+    assert (
+        main(["distill", "--teacher", str(teacher), "--out", str(out), "--noise-offset", "0.2", *FAST]) == 0
+    )
     assert capsys.readouterr().out.split() == [str(out)]
     assert (out / "model_index.json").is_file() and (out / "unet_target").is_dir()
     assert (out / "train" / "checkpoints" / "step_0000002" / "state.pt").is_file()
     assert logged_steps(out) == [2]
+    assert json.loads((out / "train" / "distill_config.json").read_text())["noise_offset"] == 0.2
     pipe = lcmkit.LatentConsistencyModelPipeline.from_pretrained(out)
     assert pipe.unet.config.time_cond_proj_dim == 256 and pipe.scheduler.config.original_inference_steps == 10
     pipe.set_progress_bar_config(disable=True)
@@ -105,6 +109,7 @@ ERRORS = [
     (["--teacher", "{teacher}", "--out", "{tmp}/o", "--data", "{tmp}/nope"], "--data {tmp}/nope: no such"),
     (["--teacher", "{teacher}", "--out", "{tmp}/o", "--data", "{tmp}/notes.txt"], "a .jsonl file"),
     (["--teacher", "{teacher}", "--out", "{tmp}/o", "--w-min", "9", "--w-max", "3"], "need 0 <= --w-min <= --w-max"),
+    (["--teacher", "{teacher}", "--out", "{tmp}/o", "--noise-offset", "1.5"], "--noise-offset must be between 0 and 1"),
     (["--teacher", "{teacher}", "--out", "{tmp}/o", "--lora-alpha", "8"], "add --lora-rank"),
     (["--teacher", "{teacher}", "--out", "{tmp}/o", "--lora-rank", "0"], "--lora-rank must be an integer"),
     (["--teacher", "{teacher}", "--out", "{tmp}/o", "--steps", "0"], "--steps must be an integer"),

@@ -198,6 +198,9 @@ def add_distill_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add("--w-min", type=_arg(parse_float, "--w-min"), default=5.0, metavar="W",
         help="guidance scale range, paper form w = guidance_scale - 1 (default 5)")  # fmt: skip
     add("--w-max", type=_arg(parse_float, "--w-max"), default=15.0, metavar="W", help="default 15")
+    add("--noise-offset", type=_arg(parse_float, "--noise-offset"), default=0.0, metavar="X",
+        help="offset noise in the forward process, as the teacher was trained with (default 0: none, as for "
+        "Stable Diffusion; lcmkit's tiny teacher: 0.2)")  # fmt: skip
     add("--num-ddim-timesteps", type=_arg(parse_int, "--num-ddim-timesteps", 1, 1000), default=50, metavar="N",
         help="solver grid, the LCM scheduler's original_inference_steps (default 50)")  # fmt: skip
     add("--lora-rank", type=_arg(parse_int, "--lora-rank", 1), default=None, metavar="R",
@@ -488,6 +491,8 @@ def check_distill_args(args: argparse.Namespace) -> tuple[Path, Path]:
             raise CliError(f"--data {args.data}: pass a folder of images with .txt captions or a .jsonl file")
     if not 0 <= args.w_min <= args.w_max:
         raise CliError(f"need 0 <= --w-min <= --w-max, got --w-min {args.w_min:g} --w-max {args.w_max:g}")
+    if not 0 <= args.noise_offset <= 1:
+        raise CliError(f"--noise-offset must be between 0 and 1, got {args.noise_offset:g}")
     if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
         raise CliError("--lora-alpha and --lora-targets apply to an LCM-LoRA: add --lora-rank R")
     out = Path(args.out).expanduser()
@@ -525,8 +530,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                       resume=args.resume, progress=not args.quiet)  # fmt: skip
     data = None if args.data is None else str(Path(args.data).expanduser())
     config = DistillConfig(teacher=teacher, save_dir=out, data=data, num_ddim_timesteps=args.num_ddim_timesteps,
-                           w_min=args.w_min, w_max=args.w_max, mixed_precision=args.mixed_precision, loop=loop,
-                           **lora)  # fmt: skip
+                           w_min=args.w_min, w_max=args.w_max, noise_offset=args.noise_offset,
+                           mixed_precision=args.mixed_precision, loop=loop, **lora)  # fmt: skip
     result = distill(config)
     print(result / LORA_WEIGHT_NAME if lora else result)
     return 0

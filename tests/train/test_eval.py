@@ -188,11 +188,18 @@ def test_evaluate_pipelines_smoke(tmp_path: Path, scorer: SceneScorer) -> None:
     for row in rows:
         assert 0.0 <= row["caption_fidelity"] <= 1.0
         assert math.isfinite(row["fid"]) and row["fid"] >= 0
+        assert set(row["attribute_accuracy"]) == {"background", "slot_shape", "colour", "size", "exact_match"}
     assert [r["unet_evals_per_image"] for r in rows] == [6, 2, 1, 2]
     assert results["reference"]["real_caption_fidelity"] > 0.9
     table = markdown_table(results).splitlines()
     assert table[0].count("|") == 1 + 2 * 3 + 1  # model + FID and fidelity at steps 1, 2, 3
     assert table[2].startswith("| teacher DDIM |") and table[3].startswith("| LCM |")
     assert "–" in table[2] or "–" in table[3]  # the teacher has no 2-step row, the LCM no 3-step row
+    assert table[5].startswith("| model | steps | background |") and table[7].startswith(
+        "| teacher DDIM | 3 |"
+    )
+    assert (
+        len([line for line in table if line.startswith("| LCM | ")]) == 1 + 2
+    )  # the main row, two attribute rows
     with pytest.raises(ValueError, match="n_images"):
         evaluate_pipelines(folder, folder, n_images=1, scorer=scorer)

@@ -43,7 +43,9 @@ def run(tmp_path_factory):
         distill=StagePlan(2, 2, 1e-4),
         tiny_vae=StagePlan(2, 2, 1e-3),
         tiny_vae_channels=4,
+        tiny_vae_sampler_pool=8,
         text_pretrain_steps=2,
+        noise_offset=0.1,
         num_ddim_timesteps=25,
         checkpoint_every=1,
         log_every=1,
@@ -67,6 +69,8 @@ def test_stages_write_their_records(run):
     assert (out / "samples.png").is_file()
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215 and vae_config["scaling_factor"] > 0
+    for stage in ("teacher", "distill"):  # the recipe's offset noise reaches both forward processes
+        assert json.loads((out / "work" / stage / f"{stage}_config.json").read_text())["noise_offset"] == 0.1
 
 
 def test_teacher_folder_is_stable_diffusion_with_ddpm_schedule(run):

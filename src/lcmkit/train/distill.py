@@ -3,7 +3,7 @@
 A student UNet f_phi (the teacher's weights plus a zero-initialised w-embedding input, `time_embedding.cond_proj`)
 learns to map any point of the teacher's probability-flow trajectory straight to its origin. Per sample:
 
-1. z0 = E(x); draw eps, a solver index n and a guidance scale w ~ U[w_min, w_max];
+1. z0 = E(x); draw eps (optionally with offset noise, as the teacher was trained), a solver index n and a guidance scale w ~ U[w_min, w_max];
 2. t_{n+k} = tau_n on the skipping-step grid {k-1, 2k-1, ..., T-1} (k = T / N), t_n = max(t_{n+k} - k, 0);
    z_{t_{n+k}} = sqrt(alpha_bar) z0 + sqrt(1 - alpha_bar) eps;
 3. online: f_phi(z_{t_{n+k}}, w, c, t_{n+k}) = c_skip z + c_out x0_hat (paper eq. 6);
@@ -57,7 +57,7 @@ from lcmkit.train.distill_lora import (
     save_lcm_lora,
 )
 from lcmkit.train.loop import LoopConfig, fit, frozen_dtype, make_accelerator
-from lcmkit.train.teacher import encode_latents
+from lcmkit.train.teacher import draw_noise, encode_latents
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ class LCDObjective:
         loss_type: str = "huber",
         huber_c: float = 0.001,
         timestep_scaling: float = 10.0,
+        noise_offset: float = 0.0,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         if loss_type not in LOSS_TYPES:
@@ -188,6 +189,7 @@ class LCDObjective:
         self.w_min, self.w_max = w_min, w_max
         self.loss_type, self.huber_c, self.timestep_scaling = loss_type, huber_c, timestep_scaling
         self.w_dim = target.config.time_cond_proj_dim
+        self.noise_offset = noise_offset
         self.autocast = autocast
         self._uncond: torch.Tensor | None = None
 
@@ -262,7 +264,7 @@ class LCDObjective:
         """The LCD loss on clean latents z0 with text embeddings c; draws eps, n, w (in that order) on the CPU."""
         b, device = len(z0), z0.device
         # 1. Randomness, drawn on the CPU so one seed gives the same run on any device.
-        eps = torch.randn(z0.shape, generator=generator).to(device)
+        eps = draw_noise(z0.shape, self.noise_offset, generator).to(device)
         n = torch.randint(0, len(self.timesteps), (b,), generator=generator)
         w = (self.w_max - self.w_min) * torch.rand(b, generator=generator) + self.w_min
         # 2. Start and end times on the skipping-step grid; forward process to the start.
@@ -315,6 +317,8 @@ class DistillConfig:
     huber_c: float = 0.001
     ema_decay: float = 0.95
     timestep_scaling: float = 10.0
+    # Offset noise on z_{t_{n+k}} (`teacher.draw_noise`); use the teacher's own training value (0 for SD teachers).
+    noise_offset: float = 0.0
     save_target_unet: bool = True  # also write the EMA target to <save_dir>/unet_target
     lora_rank: int | None = None
     lora_alpha: float | None = None
@@ -441,6 +445,7 @@ def distill(config: DistillConfig, accelerator: Accelerator | None = None) -> Pa
         loss_type=config.loss_type,
         huber_c=config.huber_c,
         timestep_scaling=config.timestep_scaling,
+        noise_offset=config.noise_offset,
         autocast=accelerator.autocast,
     )
     image_size = config.image_size or teacher.config.sample_size * vae.vae_scale_factor

@@ -506,6 +506,7 @@ def evaluate_pipelines(
                     "guidance_scale": guidance_scale,
                     "caption_fidelity": caption_fidelity(images, records, scorer),
                     "fid": frechet_distance(scorer.features(images), real_features),
+                    "attribute_accuracy": scorer.accuracy(records, images),
                     "unet_evals_per_image": steps * model.passes_per_step(guidance_scale),
                     "seconds": seconds,
                 }
@@ -528,6 +529,19 @@ def evaluate_pipelines(
     }
 
 
+def _attribute_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per-attribute accuracy of each row (which part of the caption a model misses; absent in old results)."""
+    rows = [r for r in rows if "attribute_accuracy" in r]
+    if not rows:
+        return []
+    names = list(rows[0]["attribute_accuracy"])
+    lines = ["| model | steps | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        acc = r["attribute_accuracy"]
+        lines.append(f"| {r['model']} | {r['steps']} | " + " | ".join(f"{acc[k]:.3f}" for k in names) + " |")
+    return lines
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Paper Table 1 in miniature: one row per model, FID and caption fidelity per step count, references below."""
     rows = results["rows"]
@@ -543,6 +557,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         fids = [value(model, k, "fid", ".2f") for k in steps]
         fidelity = [value(model, k, "caption_fidelity", ".3f") for k in steps]
         lines.append("| " + " | ".join([model, *fids, *fidelity]) + " |")
+    lines += ["", *_attribute_table(rows)]
     ref = results["reference"]
     lines += [
         "",

@@ -67,10 +67,17 @@ class RecipeConfig:
     # The fast-mode decoder: a TAESD-layout autoencoder distilled from the VAE (train/tiny_autoencoder.py); None skips.
     tiny_vae: StagePlan | None = field(default_factory=lambda: StagePlan(800, 16, 1e-3, 50))
     tiny_vae_channels: int = 32
+    # LCM latents (from `lcm/`) drawn once for the tiny decoder to learn on beside the encoder's; see
+    # train/tiny_autoencoder.py for why.
+    tiny_vae_sampler_pool: int = 1024
     # Next-token pretraining of the text encoder before the teacher's diffusion loss (train/text_pretrain.py).
     # Off in the shipped recipe: in our one CPU run with 300 steps the teacher's text conditioning had not taken
     # hold by step 4,000 (caption fidelity 0.30 against 0.66 without it), so it stays an experiment.
     text_pretrain_steps: int = 0
+    # Offset noise (teacher.draw_noise) in the teacher's and the distillation's forward process. Without it the
+    # shipped teacher painted the background the colour of x_T's mean, not the caption's (diagnosed on the
+    # previous shipped model: the same x_T gave the same background for every caption).
+    noise_offset: float = 0.2
     # Scenes of one shape: what a 3.5M-parameter UNet learns in a CPU hour (the world can draw more).
     max_shapes: int = 1
     # Captions leave out size / position words this often, so "a red circle on a blue background" works.
@@ -105,6 +112,7 @@ def quick_config(out: str | Path = "runs/tiny-quick") -> RecipeConfig:
         distill=StagePlan(10, 4, 1e-4),
         tiny_vae=StagePlan(10, 4, 1e-3),
         tiny_vae_channels=8,
+        tiny_vae_sampler_pool=8,
         text_pretrain_steps=10,
         checkpoint_every=10,
         log_every=1,
@@ -156,6 +164,7 @@ def _stage_configs(
         image_size=arch.image_size,
         world=world,
         text_pretrain=TextPretrainConfig(steps=cfg.text_pretrain_steps, seed=cfg.seed),
+        noise_offset=cfg.noise_offset,
         mixed_precision=cfg.mixed_precision,
         loop=_loop(cfg, "teacher", cfg.teacher),
     )
@@ -166,6 +175,7 @@ def _stage_configs(
         num_ddim_timesteps=cfg.num_ddim_timesteps,
         w_min=cfg.w_min,
         w_max=cfg.w_max,
+        noise_offset=cfg.noise_offset,
         mixed_precision=cfg.mixed_precision,
         loop=_loop(cfg, "distill", cfg.distill),
     )
@@ -177,6 +187,8 @@ def _stage_configs(
             image_size=arch.image_size,
             world=world,
             channels=cfg.tiny_vae_channels,
+            sampler_dir=out / "lcm",
+            sampler_pool=cfg.tiny_vae_sampler_pool,
             mixed_precision=cfg.mixed_precision,
             loop=_loop(cfg, "tiny-vae", cfg.tiny_vae),
         )

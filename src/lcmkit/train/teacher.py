@@ -140,6 +140,27 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
         return posterior.sample().float() * vae.config.scaling_factor
 
 
+def draw_noise(
+    shape: torch.Size | tuple[int, ...],
+    noise_offset: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """eps ~ N(0, I), plus `noise_offset` times one N(0, 1) draw per sample and channel ("offset noise").
+
+    Why: the noise schedule keeps sqrt(alpha_bar_T) of the image at t = T (0.068 for SD's), and on a small latent
+    the mean of N(0, I) over its pixels is small too (std 1/16 on 16x16), so the image's mean colour stays readable
+    in x_t up to the last step. A model then learns the background from that leak instead of the caption, and at
+    inference the pure noise's mean picks it. A per-channel offset hides the mean, so only the text can set it.
+    `noise_offset` 0 draws exactly `torch.randn(shape)` (same random stream as before it existed).
+    """
+    if noise_offset < 0:
+        raise ValueError(f"noise_offset must be >= 0, got {noise_offset}")
+    eps = torch.randn(shape, generator=generator)
+    if noise_offset:
+        eps = eps + noise_offset * torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator)
+    return eps
+
+
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
     """Token ids padded to `model_max_length`, exactly as the pipelines tokenise prompts."""
     ids = tokenizer(
@@ -353,6 +374,7 @@ class DiffusionObjective:
         tokenizer: CLIPTokenizer,
         scheduler: LCMScheduler,
         caption_dropout: float = 0.1,
+        noise_offset: float = 0.0,
     ) -> None:
         if scheduler.config.prediction_type != "epsilon":
             raise ValueError(
@@ -360,6 +382,7 @@ class DiffusionObjective:
             )
         self.vae, self.tokenizer, self.scheduler = vae, tokenizer, scheduler
         self.caption_dropout = caption_dropout
+        self.noise_offset = noise_offset
 
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, list[str]]) -> tuple:
         images, captions = batch
@@ -367,7 +390,7 @@ class DiffusionObjective:
         z0 = encode_latents(self.vae, images)
         drop = (torch.rand(len(captions)) < self.caption_dropout).tolist()
         ids = tokenize(self.tokenizer, ["" if d else c for c, d in zip(captions, drop, strict=True)], device)
-        eps = torch.randn(z0.shape, device=device)
+        eps = draw_noise(z0.shape, self.noise_offset).to(device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(z0),), device=device)
         x_t = self.scheduler.add_noise(z0, eps, t)
         loss = F.mse_loss(model(x_t, t, ids).float(), eps)
@@ -386,6 +409,8 @@ class TeacherTrainConfig:
     data: str | None = None
     world: WorldConfig | None = None
     caption_dropout: float = 0.1
+    # Offset noise (`draw_noise`): 0 is plain DDPM; the shipped recipe uses RecipeConfig.noise_offset.
+    noise_offset: float = 0.0
     # Learning-rate multiplier of the text encoder. At the full rate a from-scratch encoder pulled all caption
     # embeddings together in our CPU trials (the UNet then ignores text); 0 freezes it at its random init.
     text_encoder_lr_scale: float = 0.1
@@ -419,7 +444,7 @@ def train_teacher(config: TeacherTrainConfig, accelerator: Accelerator | None = 
     torch.manual_seed(config.loop.seed)
     model = TextConditionedUNet(UNet2DConditionModel(unet_config), build_text_encoder(config.text, tokenizer))
     scheduler = LCMScheduler.from_config(config.scheduler)
-    objective = DiffusionObjective(vae, tokenizer, scheduler, config.caption_dropout)
+    objective = DiffusionObjective(vae, tokenizer, scheduler, config.caption_dropout, config.noise_offset)
     dataset = open_dataset(config.data, config.image_size, config.world)
     resume = config.loop.resume
     resuming = bool(resume) and (resume is not True or latest_checkpoint(config.loop.output_dir) is not None)
