@@ -3,7 +3,8 @@
 A student UNet f_phi (the teacher's weights plus a zero-initialised w-embedding input, `time_embedding.cond_proj`)
 learns to map any point of the teacher's probability-flow trajectory straight to its origin. Per sample:
 
-1. z0 = E(x); draw eps (optionally with offset noise, as the teacher was trained), a solver index n and a guidance scale w ~ U[w_min, w_max];
+1. z0 = E(x); draw eps (with offset noise if the teacher was trained with it), a solver index n and a guidance
+   scale w ~ U[w_min, w_max];
 2. t_{n+k} = tau_n on the skipping-step grid {k-1, 2k-1, ..., T-1} (k = T / N), t_n = max(t_{n+k} - k, 0);
    z_{t_{n+k}} = sqrt(alpha_bar) z0 + sqrt(1 - alpha_bar) eps;
 3. online: f_phi(z_{t_{n+k}}, w, c, t_{n+k}) = c_skip z + c_out x0_hat (paper eq. 6);
