@@ -468,16 +468,16 @@ CALIBRATION_PROMPTS = (
 def bench_openvino(ours: Any, size: int, reps: int, precisions: list[str], cache: Path) -> dict[str, Any]:
     """lcmkit + TAESD with the UNet compiled by OpenVINO at each precision (fixed shape: batch 1, this size).
 
-    Conversion (and, for "int8", calibration on 4 prompts of this size) is timed apart from generation; converted
+    Conversion (and, for the int8 precisions that quantize activations, calibration on 4 prompts of this size) is timed apart from generation; converted
     graphs are cached under `cache`, so a rerun reports a cache read instead (`converted_from_cache`).
     """
-    from lcmkit.accel.openvino import collect_unet_inputs, openvino_unet
+    from lcmkit.accel.openvino import NEEDS_CALIBRATION, collect_unet_inputs, openvino_unet
 
     out: dict[str, Any] = {}
     for precision in precisions:
         t0 = time.perf_counter()
         calibration = None
-        if precision in ("int8", "int8-hybrid"):
+        if precision in NEEDS_CALIBRATION:
             calibration = collect_unet_inputs(
                 ours,
                 CALIBRATION_PROMPTS,

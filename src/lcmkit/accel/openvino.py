@@ -44,7 +44,8 @@ from lcmkit.nn.lora import lora_layers
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8-weights", "int8-hybrid", "int8")
-_NEEDS_CALIBRATION = ("int8-hybrid", "int8")
+NEEDS_CALIBRATION = ("int8-hybrid", "int8")  # they quantize activations: calibration inputs required
+DATA_FREE_PRECISIONS = tuple(p for p in PRECISIONS if p not in NEEDS_CALIBRATION)
 INSTALL_HINT = "pip install openvino nncf"
 
 
@@ -477,7 +478,7 @@ def openvino_unet(
     latent = (height // vae_scale_factor, width // vae_scale_factor)
     shapes = _input_shapes(config, batch_size, *latent, text_tokens)
     batches = None
-    if precision in _NEEDS_CALIBRATION:
+    if precision in NEEDS_CALIBRATION:
         if not calibration:
             raise ValueError(
                 f"precision={precision!r} quantizes activations and needs calibration=[UNetInputs, ...] of real "

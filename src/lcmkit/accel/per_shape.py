@@ -20,12 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcmkit.accel.openvino import OpenVINOStandIn, OpenVINOUNet, _check_unet, _import_openvino, openvino_unet
+from lcmkit.accel.openvino import (
+    DATA_FREE_PRECISIONS,
+    OpenVINOStandIn,
+    OpenVINOUNet,
+    _check_unet,
+    _import_openvino,
+    openvino_unet,
+)
 from lcmkit.models.unet import UNet2DConditionOutput
 
 logger = logging.getLogger(__name__)
 
-DATA_FREE_PRECISIONS = ("fp32", "int8-weights")
 CACHE_ENV = "LCMKIT_OPENVINO_CACHE"
 
 
