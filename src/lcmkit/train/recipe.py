@@ -292,7 +292,7 @@ def _write_times(accelerator: Accelerator, path: Path, times: dict) -> None:
 
 
 def run_recipe(cfg: RecipeConfig, accelerator: Accelerator | None = None) -> dict:
-    """Run the three stages (skipping finished ones on resume); return the timing record, written after each stage.
+    """Run the stages (skipping finished ones on resume); return the timing record, written after each stage.
 
     A stage's `seconds` are those of the invocation that finished it (time before a resume is not counted).
     """
