@@ -22,16 +22,20 @@ from pathlib import Path
 
 import torch
 
+from lcmkit.train.loop import LR_SCHEDULES
 from lcmkit.train.recipe import RecipeConfig, StagePlan, quick_config, run_recipe, ship, ship_tiny_vae
 
 
-def _plan(base: StagePlan, steps: int | None, batch: int | None, lr: float | None) -> StagePlan:
-    return replace(
-        base,
-        steps=steps if steps is not None else base.steps,
-        batch_size=batch if batch is not None else base.batch_size,
-        learning_rate=lr if lr is not None else base.learning_rate,
-    )
+def _plan(args: argparse.Namespace, stage: str, base: StagePlan) -> StagePlan:
+    """`base` with the stage's --<stage>-steps / -batch-size / -lr / -lr-schedule options that were given."""
+    key = stage.replace("-", "_")
+    given = {
+        "steps": getattr(args, f"{key}_steps"),
+        "batch_size": getattr(args, f"{key}_batch_size"),
+        "learning_rate": getattr(args, f"{key}_lr"),
+        "schedule": getattr(args, f"{key}_lr_schedule"),
+    }
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
         parser.add_argument(f"--{stage}-batch-size", type=int, default=None, help="per process")
         parser.add_argument(f"--{stage}-lr", type=float, default=None)
+        parser.add_argument(
+            f"--{stage}-lr-schedule", choices=LR_SCHEDULES, default=None, help="decay after the warm-up"
+        )
     parser.add_argument(
         "--text-pretrain-steps",
         type=int,
@@ -122,12 +129,12 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         seed=args.seed,
         resume=args.resume,
         progress=not args.no_progress,
-        vae=_plan(cfg.vae, args.vae_steps, args.vae_batch_size, args.vae_lr),
-        teacher=_plan(cfg.teacher, args.teacher_steps, args.teacher_batch_size, args.teacher_lr),
-        distill=_plan(cfg.distill, args.distill_steps, args.distill_batch_size, args.distill_lr),
+        vae=_plan(args, "vae", cfg.vae),
+        teacher=_plan(args, "teacher", cfg.teacher),
+        distill=_plan(args, "distill", cfg.distill),
         tiny_vae=None
         if args.tiny_vae_steps == 0 or cfg.tiny_vae is None
-        else _plan(cfg.tiny_vae, args.tiny_vae_steps, args.tiny_vae_batch_size, args.tiny_vae_lr),
+        else _plan(args, "tiny-vae", cfg.tiny_vae),
     )
 
 

@@ -8,6 +8,7 @@ optimizer, LR schedule, RNG states and data position are all saved and restored.
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from lcmkit.train.loop import LoopConfig, ShardedSampler, fit, latest_checkpoint, micro_batches
+from lcmkit.train.loop import LoopConfig, ShardedSampler, fit, latest_checkpoint, lr_factor, micro_batches
 from lcmkit.train.runlog import LossLog
 
 
@@ -40,7 +41,7 @@ def _loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
     return loss, {"half": loss / 2}
 
 
-def _fit(tmp_path, max_steps: int, resume: bool = False) -> nn.Module:
+def _fit(tmp_path, max_steps: int, resume: bool = False, lr_schedule: str = "constant") -> nn.Module:
     torch.manual_seed(0)
     cfg = LoopConfig(
         output_dir=tmp_path,
@@ -49,6 +50,7 @@ def _fit(tmp_path, max_steps: int, resume: bool = False) -> nn.Module:
         gradient_accumulation_steps=2,
         learning_rate=1e-2,
         lr_warmup_steps=3,
+        lr_schedule=lr_schedule,
         checkpoint_every=2,
         checkpoints_total_limit=2,
         log_every=1,
@@ -93,6 +95,55 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(state["extra"]["target"]["weight"], whole.weight.cpu())
     with Image.open(tmp_path / "whole" / "toy_loss.png") as image:
         assert image.size == (720, 400)
+
+
+def test_lr_schedules_warm_up_then_fall_to_zero_at_max_steps():
+    """Each schedule: the same linear warm-up, then constant, a straight line, or a half cosine to 0 at max_steps."""
+    cfg = {
+        s: LoopConfig(max_steps=13, lr_warmup_steps=3, lr_schedule=s)
+        for s in ("constant", "linear", "cosine")
+    }
+    for c in cfg.values():
+        assert [lr_factor(k, c) for k in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [lr_factor(k, cfg["constant"]) for k in (3, 8, 12, 13)] == [1.0] * 4
+    assert [lr_factor(k, cfg["linear"]) for k in (3, 8, 12, 13)] == pytest.approx([1.0, 0.5, 0.1, 0.0])
+    assert [lr_factor(k, cfg["cosine"]) for k in (3, 8, 13)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor(5, cfg["cosine"]) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    # Warm-up, stable, then decay over the last 4 steps only (the tiny teacher's recipe).
+    wsd = LoopConfig(max_steps=13, lr_warmup_steps=3, lr_schedule="linear", lr_decay_steps=4)
+    assert [lr_factor(k, wsd) for k in (0, 3, 8, 9, 10, 12, 13)] == pytest.approx(
+        [1 / 3, 1.0, 1.0, 1.0, 0.75, 0.25, 0.0]
+    )
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        LoopConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_decay_steps must be None or 1..max_steps"):
+        LoopConfig(max_steps=10, lr_decay_steps=11)
+
+
+def test_resume_mid_cosine_schedule_continues_exactly(tmp_path, monkeypatch):
+    """A run killed half-way through a cosine decay and resumed ends with the weights and logged rates of one
+    uninterrupted run: the schedule is a function of the step, restored from the checkpoint."""
+    whole = _fit(tmp_path / "whole", 8, lr_schedule="cosine")
+    calls, loss = [], _loss
+
+    def dies_after_four_steps(model, batch):
+        calls.append(1)
+        if len(calls) > 4 * 2:  # 2 micro-batches per optimizer step
+            raise KeyboardInterrupt
+        return loss(model, batch)
+
+    monkeypatch.setitem(globals(), "_loss", dies_after_four_steps)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "split", 8, lr_schedule="cosine")
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "split").name == "step_0000004"
+    resumed = _fit(tmp_path / "split", 8, resume=True, lr_schedule="cosine")
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    rates = [float(r["lr"]) for r in _rows(tmp_path / "split" / "toy_loss.csv")]
+    assert rates == [float(r["lr"]) for r in _rows(tmp_path / "whole" / "toy_loss.csv")]
+    cfg = LoopConfig(max_steps=8, lr_warmup_steps=3, lr_schedule="cosine")
+    assert rates == pytest.approx([1e-2 * lr_factor(k, cfg) for k in range(8)]) and rates[-1] < rates[3] / 5
 
 
 def test_resume_true_without_checkpoint_starts_fresh(tmp_path):
