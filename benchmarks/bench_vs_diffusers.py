@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_vs_diffusers.py                   # 256² and 512², 3 repetitions
     .venv/bin/python benchmarks/bench_vs_diffusers.py --quick --fast    # plus TAESD and sub-pixel decoder columns
     .venv/bin/python benchmarks/bench_vs_diffusers.py --fast --openvino int8-weights int8   # plus OpenVINO UNets
+    .venv/bin/python benchmarks/bench_vs_diffusers.py --openvino fp32   # plus OV UNet + OV VAE decoder, exact
 
 Weights are random with the SD1.5 architecture (UNet with `time_cond_proj_dim=256`, the SD VAE, a CLIP ViT-L/14 text
 encoder), built once with a fixed seed and saved as a diffusers `LatentConsistencyModelPipeline` folder at
@@ -14,14 +15,20 @@ comes from a child process per library that only loads and runs that pipeline on
 `torch.utils.flop_counter.FlopCounterMode` on one UNet call and one decode, and are compared with a 4096² fp32
 matmul timed in the same run (the practical peak of PyTorch's kernels here).
 
+With `--openvino fp32` (or int8-weights), besides "lcmkit + TAESD + OV UNet", a column runs the OpenVINO UNet with
+the full SD VAE's decoder also on OpenVINO at that precision and no TAESD (`lcmkit.accel.use_openvino_vae_decoder`):
+for fp32 the exact-arithmetic OpenVINO mode. Its decoder's one-time conversion and its compile for the size are
+timed apart, and its image is compared with diffusers' (max abs difference).
+
 Prints a table and writes JSON to `benchmarks/results/<name>.json`. Random weights say nothing about image
-quality: the TAESD column measures speed only.
+quality: the TAESD columns measure speed only.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -465,8 +472,59 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def bench_openvino(ours: Any, size: int, reps: int, precisions: list[str], cache: Path) -> dict[str, Any]:
-    """lcmkit + TAESD with the UNet compiled by OpenVINO at each precision (fixed shape: batch 1, this size).
+OV_VAE_PRECISIONS = ("fp32", "int8-weights")  # the data-free ones `use_openvino_vae_decoder` offers
+
+
+def bench_openvino_vae(
+    ours: Any, unet: Any, size: int, reps: int, precision: str, cache: Path, images: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """lcmkit with the OpenVINO UNet `unet` and the SD VAE's decoder on OpenVINO at the same `precision`, no TAESD
+    (for fp32: the exact-arithmetic OpenVINO mode). The decoder's conversion (a cache read on reruns) and its
+    compile for this size (its first decode) are timed apart from generation; the last run's image is compared with
+    `images` (diffusers' and eager lcmkit's, same seed)."""
+    from lcmkit.accel import use_openvino_vae_decoder
+
+    vae = copy.deepcopy(ours.vae)  # the stand-in replaces `vae.decoder` in place: `ours` keeps its eager one
+    before = set(cache.glob("*.xml"))
+    t0 = time.perf_counter()
+    use_openvino_vae_decoder(vae, precision, cache_dir=cache)
+    convert_s = time.perf_counter() - t0
+    f = ours.vae_scale_factor
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(torch.zeros(1, vae.config.latent_channels, size // f, size // f))  # compiles this shape
+    compile_s = time.perf_counter() - t0
+    fast = type(ours)(**{**ours.components, "unet": unet, "vae": vae}, requires_safety_checker=False)
+    fast.set_progress_bar_config(disable=True)
+    generate(fast, size)  # warm-up
+    runs, image = [], None
+    for _ in range(reps):
+        record, image = timed_run(fast, size)
+        runs.append(record)
+    diff = {
+        lib: float(np.abs(image.astype(np.float64) - ref.astype(np.float64)).max())
+        for lib, ref in images.items()
+    }
+    out = {
+        "column": f"OV {precision} UNet + OV {precision} VAE decoder",
+        "summary": summarize(runs),
+        "runs": runs,
+        "vae_decoder_convert_s": convert_s,
+        "vae_decoder_compile_s": compile_s,
+        "vae_decoder_converted_from_cache": set(cache.glob("*.xml")) == before,
+        "max_abs_image_diff_vs_diffusers": diff["diffusers"],
+        "max_abs_image_diff_vs_lcmkit": diff["lcmkit"],
+    }
+    print(f"  {out['column']}: {out['summary']['end_to_end_s']:.2f} s (decoder convert {convert_s:.0f} s, "
+          f"compile {compile_s:.1f} s), max abs diff vs diffusers {diff['diffusers']:.2g}", flush=True)  # fmt: skip
+    return out
+
+
+def bench_openvino(
+    ours: Any, size: int, reps: int, precisions: list[str], cache: Path, images: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """lcmkit + TAESD with the UNet compiled by OpenVINO at each precision (fixed shape: batch 1, this size), and
+    for the data-free precisions also that UNet with the SD VAE's decoder on OpenVINO (`bench_openvino_vae`).
 
     Conversion (and, for the int8 precisions that quantize activations, calibration on 4 prompts of this size) is timed apart from generation; converted
     graphs are cached under `cache`, so a rerun reports a cache read instead (`converted_from_cache`).
@@ -505,7 +563,11 @@ def bench_openvino(ours: Any, size: int, reps: int, precisions: list[str], cache
         }
         print(f"  OpenVINO {precision} + TAESD: {out[precision]['summary']['end_to_end_s']:.2f} s "
               f"(convert + compile {convert_s:.0f} s, calibration {calibrate_s:.0f} s)", flush=True)  # fmt: skip
-        del fast, unet, calibration
+        del fast
+        if precision in OV_VAE_PRECISIONS:
+            gc.collect()
+            out[precision]["unet_vae"] = bench_openvino_vae(ours, unet, size, reps, precision, cache, images)
+        del unet, calibration
         gc.collect()
     return out
 
@@ -514,7 +576,8 @@ def bench_openvino(ours: Any, size: int, reps: int, precisions: list[str], cache
 # Main
 
 
-def compare_size(pipes: dict[str, Any], size: int, reps: int) -> dict[str, Any]:
+def compare_size(pipes: dict[str, Any], size: int, reps: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The timed side-by-side runs, and each library's last image (for the OpenVINO columns' differences)."""
     print(f"\n== {size}x{size}, {STEPS} steps: warm-up ...", flush=True)
     for pipe in pipes.values():
         generate(pipe, size)
@@ -527,11 +590,12 @@ def compare_size(pipes: dict[str, Any], size: int, reps: int) -> dict[str, Any]:
             runs[lib].append(record)
             print(f"  rep {rep} {lib:9s} {record['end_to_end_s']:7.2f} s", flush=True)
     diff = float(np.abs(images["lcmkit"].astype(np.float64) - images["diffusers"].astype(np.float64)).max())
-    return {
+    result = {
         "summary": {lib: summarize(r) for lib, r in runs.items()},
         "runs": runs,
         "max_abs_image_diff": diff,
     }
+    return result, images
 
 
 def efficiency(result: dict[str, Any], peak: float) -> dict[str, dict[str, float]]:
@@ -559,10 +623,17 @@ def print_table(size: int, result: dict[str, Any], peak: float) -> None:
     extra = {"lcmkit+TAESD": fast} if fast else {}
     for precision, ov in result.get("openvino", {}).items():
         extra[f"OV {precision}+TAESD"] = ov["summary"]
+    for precision, ov in result.get("openvino", {}).items():
+        if "unet_vae" in ov:
+            extra[f"OV {precision}+OV VAE"] = ov["unet_vae"]["summary"]  # no TAESD: the SD VAE's decoder
     head = f"{'stage (median s)':22s}{'diffusers':>11s}{'lcmkit':>11s}{'speedup':>9s}"
     print(
         f"\n{size}x{size}  (speedup = diffusers / lcmkit)"
-        + ("; fast columns use a random-weight TAESD: speed only" if extra else "")
+        + (
+            "; TAESD columns use a random-weight TAESD: speed only"
+            if any("TAESD" in n for n in extra)
+            else ""
+        )
     )
     print(head + "".join(f"{name:>22s}" for name in extra))
     for key in ("text_encoder_s", "unet_call_s", "unet_total_s", "vae_decode_s", "other_s", "end_to_end_s"):
@@ -577,6 +648,15 @@ def print_table(size: int, result: dict[str, Any], peak: float) -> None:
             f"decode {g['vae_decode']:6.1f} ({g['vae_decode_of_peak']:4.0%}), end to end {g['end_to_end']:6.1f}"
         )
     print(f"max |image lcmkit - image diffusers| = {result['max_abs_image_diff']:.3g} (np output in [0, 1])")
+    for ov in result.get("openvino", {}).values():
+        if "unet_vae" in ov:
+            v = ov["unet_vae"]
+            print(
+                f"{v['column']}: max |image - image diffusers| = {v['max_abs_image_diff_vs_diffusers']:.3g} "
+                f"(vs lcmkit eager {v['max_abs_image_diff_vs_lcmkit']:.3g}); decoder conversion "
+                f"{v['vae_decoder_convert_s']:.1f} s{' (cache read)' if v['vae_decoder_converted_from_cache'] else ''}"
+                f", compile for {size}x{size} {v['vae_decoder_compile_s']:.1f} s (one-time, not in the column)"
+            )
     if "fast" in result:
         f = result["fast"]
         print(
@@ -595,7 +675,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[],
         choices=("fp32", "int8-weights", "int8"),
-        help="add lcmkit + TAESD + OpenVINO UNet columns at these precisions (needs the openvino extra)",
+        help="add lcmkit + TAESD + OpenVINO UNet columns at these precisions, and for fp32 / int8-weights an OV "
+        "UNet + OV VAE decoder column without TAESD (needs the openvino extra)",
     )
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 256 512)")
     p.add_argument(
@@ -658,7 +739,7 @@ def main(argv: list[str] | None = None) -> None:
     report["matmul_peaks"] = [matmul_peak()]
     report["sizes"] = {}
     for size in args.sizes:
-        result = compare_size(pipes, size, args.reps)
+        result, images = compare_size(pipes, size, args.reps)
         report["matmul_peaks"].append(matmul_peak())
         peak = max(m["median_gflops"] for m in report["matmul_peaks"])
         result["flops"] = {lib: count_flops(pipes[lib], size) for lib in pipes}
@@ -666,10 +747,17 @@ def main(argv: list[str] | None = None) -> None:
             result["fast"] = bench_fast(pipes["lcmkit"], size, args.reps)
         if args.openvino:
             cache = args.model_dir.with_name(args.model_dir.name + "-openvino")
-            result["openvino"] = bench_openvino(pipes["lcmkit"], size, args.reps, args.openvino, cache)
+            result["openvino"] = bench_openvino(
+                pipes["lcmkit"], size, args.reps, args.openvino, cache, images
+            )
             result["speedup_diffusers_over_openvino_taesd"] = {
                 p: result["summary"]["diffusers"]["end_to_end_s"] / r["summary"]["end_to_end_s"]
                 for p, r in result["openvino"].items()
+            }
+            result["speedup_diffusers_over_openvino_unet_vae"] = {
+                p: result["summary"]["diffusers"]["end_to_end_s"] / r["unet_vae"]["summary"]["end_to_end_s"]
+                for p, r in result["openvino"].items()
+                if "unet_vae" in r
             }
         result["gflops"] = efficiency(result, peak)
         result["speedup_diffusers_over_lcmkit"] = {

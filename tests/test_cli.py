@@ -138,11 +138,30 @@ def test_openvino_fast_mode(model, tmp_path, capsys, monkeypatch):
     eager, fast = (np.asarray(PIL.Image.open(p), dtype=int) for p in capsys.readouterr().out.split())
     assert eager.shape == fast.shape and np.abs(eager - fast).max() <= 1
     assert list((tmp_path / "cache").glob("unet-fp32-*.xml"))  # converted once, kept for the next run
+    assert list((tmp_path / "cache").glob("vae-decoder-fp32-*.xml"))  # the decoder too, still within 1/255
     assert main([*base, "--out", str(tmp_path / "o"), "--openvino", "fp32", "--freeu"]) == 2
     assert "--freeu cannot be combined with --openvino" in capsys.readouterr().err
     assert main([*base, "--openvino", "int8"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'int8'" in err and "'int8-weights'" in err
+
+
+def test_openvino_installs_the_unet_and_the_vae_decoder(model, tmp_path, monkeypatch):
+    """--openvino puts both the UNet and the full VAE's decoder on OpenVINO; a --tiny-vae stays eager."""
+    pytest.importorskip("openvino")
+    from lcmkit.accel import OpenVINOUNetPerShape, OpenVINOVAEDecoder
+    from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
+
+    monkeypatch.setenv("LCMKIT_OPENVINO_CACHE", str(tmp_path / "cache"))
+    argv = ["generate", "a red circle", "--model", str(model), "--openvino", "fp32"]
+    pipe, _ = cli.load_pipeline(cli.build_parser().parse_args(argv))
+    assert isinstance(pipe.unet, OpenVINOUNetPerShape) and isinstance(pipe.vae.decoder, OpenVINOVAEDecoder)
+    AutoencoderTiny(
+        TinyVAEConfig(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
+    ).save_pretrained(tmp_path / "taesd")
+    pipe, _ = cli.load_pipeline(cli.build_parser().parse_args([*argv, "--tiny-vae", str(tmp_path / "taesd")]))
+    assert isinstance(pipe.unet, OpenVINOUNetPerShape) and isinstance(pipe.vae, AutoencoderTiny)
+    assert not isinstance(pipe.vae.decoder, OpenVINOVAEDecoder)
 
 
 def test_batch_text_file(model, tmp_path, capsys):

@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast mode: decode with a tiny VAE (AutoencoderTiny / TAESD folder)",
     )
     add("--openvino", choices=OPENVINO_PRECISIONS, metavar="PRECISION",
-        help="fast mode: run the UNet with OpenVINO on the CPU, fp32 or int8-weights (converted once per "
-        "image size, cached in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino])")  # fmt: skip
+        help="fast mode: run the UNet and the VAE decoder with OpenVINO on the CPU, fp32 (the eager image up to "
+        "rounding) or int8-weights; a --tiny-vae stays eager. Converted once (the UNet per image size), cached "
+        "in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]")  # fmt: skip
     gen = argparse.ArgumentParser(add_help=False)
     add = gen.add_argument
     add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps (default 4)")
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny-vae", metavar="FOLDER", help="fast mode: decode with a tiny VAE (AutoencoderTiny folder)"
     )
     p.add_argument("--openvino", choices=OPENVINO_PRECISIONS, metavar="PRECISION",
-                   help="fast mode: the UNet through OpenVINO (CPU only): fp32 or int8-weights")  # fmt: skip
+                   help="fast mode: the UNet and the VAE decoder (not a --tiny-vae) through OpenVINO (CPU "
+                   "only): fp32 or int8-weights")  # fmt: skip
     p.add_argument("--api-key", default=None, help="require this key; default: $LCMKIT_API_KEY if set")
     p.add_argument("--limit", action="append", default=[], type=_arg(parse_limit), metavar="NAME=VALUE",
                    help="a server limit such as max_steps=8; repeatable")  # fmt: skip
@@ -371,11 +373,15 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def install_openvino(pipe: Any, precision: str) -> None:
-    """--openvino: the UNet through OpenVINO, with LoRAs baked in at their weights (after they are set)."""
+    """--openvino: the UNet (LoRAs baked in at their weights, so after they are set) and the full VAE's decoder
+    through OpenVINO. A tiny VAE stays eager: it is already cheap, and it is not an AutoencoderKL."""
     try:
-        from lcmkit.accel import use_openvino_unet
+        from lcmkit.accel import use_openvino_unet, use_openvino_vae_decoder
+        from lcmkit.models.vae import AutoencoderKL
 
         use_openvino_unet(pipe, precision)
+        if isinstance(pipe.vae, AutoencoderKL):
+            use_openvino_vae_decoder(pipe, precision)
     except (ImportError, ValueError) as e:
         raise CliError(f"--openvino {precision}: {e}") from None
 

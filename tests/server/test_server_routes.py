@@ -213,20 +213,23 @@ def test_bad_settings_are_refused(field: str, value: int) -> None:
 
 
 def test_serve_with_openvino_runs_the_unet_through_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """`lcmkit serve --openvino fp32`: the loaded pipeline's UNet is the per-size OpenVINO stand-in, and it serves."""
+    """`lcmkit serve --openvino fp32`: the loaded pipeline's UNet is the per-size OpenVINO stand-in, its VAE decoder
+    the OpenVINO one, and it serves through both."""
     pytest.importorskip("openvino")
     import uvicorn
 
-    from lcmkit.accel import OpenVINOUNetPerShape
+    from lcmkit.accel import OpenVINOUNetPerShape, OpenVINOVAEDecoder
 
     ran: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     monkeypatch.setenv("LCMKIT_OPENVINO_CACHE", str(tmp_path))
     server_app.serve(str(tiny_model_dir()), openvino="fp32", device="cpu")
     assert isinstance(ran["app"].state.jobs.pipe.unet, OpenVINOUNetPerShape)
+    assert isinstance(ran["app"].state.jobs.pipe.vae.decoder, OpenVINOVAEDecoder)
     with TestClient(ran["app"]) as c:
         ok = c.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": 2})
         assert ok.status_code == 200
     assert ran["app"].state.jobs.pipe.unet.compiled_shapes  # the request ran through a compiled graph
+    assert ran["app"].state.jobs.pipe.vae.decoder.compiled_shapes  # and was decoded through one
     with pytest.raises(ValueError, match="allowed"):
         server_app.serve(str(tiny_model_dir()), openvino="int8", device="cpu")

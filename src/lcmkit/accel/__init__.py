@@ -2,8 +2,10 @@
 
 `openvino_unet(pipe.unet, ...)` converts the UNet to an OpenVINO graph compiled for this CPU (fp32, or int8
 through NNCF) and returns a drop-in replacement for `pipe.unet`; `use_openvino_unet(pipe)` installs one that
-converts per image size on first use (what the CLI's and the server's `--openvino` do). Names load lazily, and `openvino` itself is
-imported only when a conversion is requested, so `import lcmkit.accel` never needs it.
+converts per image size on first use; `use_openvino_vae_decoder(pipe)` puts the full VAE's decoder on OpenVINO
+too (fp32: the eager image up to rounding), compiled per latent shape. The CLI's and the server's `--openvino`
+install both. Names load lazily, and `openvino` itself is imported only when a conversion is requested, so
+`import lcmkit.accel` never needs it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ _EXPORTS = {
     "PRECISIONS": "lcmkit.accel.openvino",
     "OpenVINOUNetPerShape": "lcmkit.accel.per_shape",
     "use_openvino_unet": "lcmkit.accel.per_shape",
+    "OpenVINOVAEDecoder": "lcmkit.accel.vae_decoder",
+    "use_openvino_vae_decoder": "lcmkit.accel.vae_decoder",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,6 +20,9 @@ Precisions (`precision=`):
   the recipe of OpenVINO's own LCM notebook (LCM-Dreamshaper-v7, 200 calibration calls); fastest.
 Both activation-quantizing modes need `calibration`: real UNet inputs, as `collect_unet_inputs` records them.
 
+The conversion, cache (IR files named by a digest of the weights) and quantization helpers take any module as a
+`_GraphSource`; `lcmkit.accel.vae_decoder` uses them for the VAE decoder.
+
 `openvino` and `nncf` are imported only here, only when called: `pip install openvino nncf`.
 """
 
@@ -262,6 +265,39 @@ class OpenVINOUNet(OpenVINOStandIn):
                 raise ValueError(f"timestep_cond must be {want}, got {tuple(timestep_cond.shape)}")
 
 
+@dataclass
+class _GraphSource:
+    """What `_load_or_build` converts, and what its cache entry is named by.
+
+    `traced` is what `convert_model` traces: called with the `example` tensors as positional arguments, it returns
+    one tensor. `module` holds the weights (and LoRA layers) the cache key covers, and `description` what the
+    weights do not fix (the config, layer switches). `inputs` names each graph input with its shape; -1 leaves a
+    dimension free (the graph is then reshaped to static shapes before compiling).
+    """
+
+    name: str  # the cache files' prefix: "unet", "vae-decoder"
+    module: nn.Module
+    traced: nn.Module
+    inputs: dict[str, tuple[int, ...]]
+    example: tuple[torch.Tensor, ...]
+    output: str
+    description: str
+
+
+def _unet_source(unet: nn.Module, shapes: dict[str, tuple[int, ...]]) -> _GraphSource:
+    example = [torch.zeros(shape) for shape in shapes.values()]
+    example[1] = torch.full(shapes["timestep"], 500.0)
+    return _GraphSource(
+        name="unet",
+        module=unet,
+        traced=_Positional(unet),
+        inputs=shapes,
+        example=tuple(example),
+        output="out_sample",
+        description=repr(unet.config),
+    )
+
+
 def _input_shapes(config: Any, batch: int, h: int, w: int, text_tokens: int) -> dict[str, tuple[int, ...]]:
     shapes = {
         "sample": (batch, config.in_channels, h, w),
@@ -324,16 +360,16 @@ def _calibration_batches(
     ]
 
 
-def _graph_digest(unet: nn.Module, shapes: dict) -> str:
+def _graph_digest(source: _GraphSource) -> str:
     """A digest of everything the fp32 graph depends on: weights, LoRA adapters, config, shapes, OpenVINO version."""
     h = hashlib.blake2b(digest_size=16)
-    parts = [repr(unet.config), repr(shapes), _import_openvino().__version__]
-    for name, layer in lora_layers(unet):
+    parts = [source.description, repr(source.inputs), _import_openvino().__version__]
+    for name, layer in lora_layers(source.module):
         parts.append(
             repr((name, layer.scales, layer.adapter_weights, layer.active, layer.fused, layer.enabled))
         )
     h.update("\n".join(parts).encode())
-    for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
+    for name, tensor in [*source.module.named_parameters(), *source.module.named_buffers()]:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
@@ -352,40 +388,43 @@ def _precision_digest(graph: str, precision: str, calibration: list[list[np.ndar
 
 def _load_or_build(
     ov: Any,
-    unet: nn.Module,
-    shapes: dict[str, tuple[int, ...]],
+    source: _GraphSource,
     precision: str,
     calibration: list[list[np.ndarray]] | None,
     cache_dir: Path | None,
+    *,
+    detach: bool = False,
 ) -> Any:
     """The OpenVINO model for `precision`: read from `cache_dir` when there, else converted (from the cached fp32
-    IR when there: tracing is the slow part of converting) and quantized, and saved there."""
+    IR when there: tracing is the slow part of converting) and quantized, and saved there.
+
+    A freshly converted model shares its constants with the torch weights. `detach=True` returns it read back
+    from the saved IR instead (memory-mapped), so the caller may release the torch module; without `cache_dir`
+    there is no file to read back, and the model keeps those weights alive (one copy, shared)."""
     core = ov.Core()
     if cache_dir is None:
-        return _quantize(_convert(ov, unet, shapes), precision, calibration)
-    graph = _graph_digest(unet, shapes)
-    path = cache_dir / f"unet-{precision}-{_precision_digest(graph, precision, calibration)}.xml"
+        return _quantize(_convert(ov, source), precision, calibration)
+    graph = _graph_digest(source)
+    path = cache_dir / f"{source.name}-{precision}-{_precision_digest(graph, precision, calibration)}.xml"
     if path.exists():
-        logger.info("reading the converted UNet from %s", path)
+        logger.info("reading the converted %s from %s", source.name, path)
         return core.read_model(path)
-    fp32_path = cache_dir / f"unet-fp32-{graph}.xml"
+    fp32_path = cache_dir / f"{source.name}-fp32-{graph}.xml"
     cache_dir.mkdir(parents=True, exist_ok=True)
     if fp32_path.exists():
         model = core.read_model(fp32_path)
     else:
-        model = _convert(ov, unet, shapes)
+        model = _convert(ov, source)
         ov.save_model(model, fp32_path, compress_to_fp16=False)  # fp16 would change the weights
     if precision != "fp32":
         model = _quantize(model, precision, calibration)
         ov.save_model(model, path, compress_to_fp16=False)
-    return model
+    return core.read_model(path) if detach else model
 
 
-def _convert(ov: Any, unet: nn.Module, shapes: dict[str, tuple[int, ...]]) -> Any:
-    example = [torch.zeros(shape) for shape in shapes.values()]
-    example[1] = torch.full(shapes["timestep"], 500.0)
-    was_training = unet.training
-    unet.eval()
+def _convert(ov: Any, source: _GraphSource) -> Any:
+    was_training = source.module.training
+    source.traced.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # the tracer warns that shape checks become constants: intended, the shapes are static
@@ -393,17 +432,36 @@ def _convert(ov: Any, unet: nn.Module, shapes: dict[str, tuple[int, ...]]) -> An
             # OpenVINO's PyTorch frontend traces with TorchScript, which torch now marks deprecated; the
             # torch.export route converts too (same outputs), but to dynamic shapes and slower, so it is not used
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=DeprecationWarning)
+            # the tracer runs the model twice and wants the same graph both times: a first call builds what
+            # layers cache lazily (the VAE decoder's sub-pixel kernels), so both traces see the cached tensor
+            source.traced(*source.example)
             model = ov.convert_model(
-                _Positional(unet),
-                example_input=tuple(example),
-                input=[ov.PartialShape(list(shape)) for shape in shapes.values()],
+                source.traced,
+                example_input=source.example,
+                input=[ov.PartialShape(list(shape)) for shape in source.inputs.values()],
             )
     finally:
-        unet.train(was_training)
-    for port, name in zip(model.inputs, shapes, strict=True):
+        source.module.train(was_training)
+    for port, name in zip(model.inputs, source.inputs, strict=True):
         port.get_tensor().set_names({name})
-    model.outputs[0].get_tensor().set_names({"out_sample"})
+    model.outputs[0].get_tensor().set_names({source.output})
     return model
+
+
+def _compile(ov: Any, model: Any, threads: int | None, cache_dir: str | Path | None) -> Any:
+    """Compile for this CPU in float32 (no bf16/fp16 inference on CPUs that have it), for the latency of one
+    call; compiled blobs are cached under `cache_dir`/compiled when given."""
+    props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads is not None:
+        props["INFERENCE_NUM_THREADS"] = threads
+    if cache_dir is not None:
+        props["CACHE_DIR"] = str(Path(cache_dir) / "compiled")
+    return ov.Core().compile_model(model, "CPU", props)
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
 
 
 def _quantize(model: Any, precision: str, calibration: list[list[np.ndarray]] | None) -> Any:
@@ -473,8 +531,7 @@ def openvino_unet(
         raise ValueError(f"height and width must be multiples of {vae_scale_factor}, got {height}x{width}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    _check_threads(threads)
     latent = (height // vae_scale_factor, width // vae_scale_factor)
     shapes = _input_shapes(config, batch_size, *latent, text_tokens)
     batches = None
@@ -488,14 +545,9 @@ def openvino_unet(
 
     started = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else None
-    model = _load_or_build(ov, unet, shapes, precision, batches, cache)
+    model = _load_or_build(ov, _unet_source(unet, shapes), precision, batches, cache)
     logger.info("OpenVINO UNet (%s) ready to compile after %.1f s", precision, time.perf_counter() - started)
-    props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if threads is not None:
-        props["INFERENCE_NUM_THREADS"] = threads
-    if cache_dir is not None:
-        props["CACHE_DIR"] = str(Path(cache_dir) / "compiled")
-    compiled = ov.Core().compile_model(model, "CPU", props)
+    compiled = _compile(ov, model, threads, cache_dir)
     return OpenVINOUNet(
         compiled,
         config,

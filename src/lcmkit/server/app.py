@@ -305,7 +305,8 @@ def serve(
     (max_width, max_steps, queue_size, ...). On CUDA the model runs in float16, elsewhere in float32.
     `tiny_vae` is an AutoencoderTiny (TAESD layout) folder to decode with (fast mode). `openvino` ("fp32" or
     "int8-weights") runs the UNet through OpenVINO on the CPU, converted once per requested size
-    (`lcmkit.accel.use_openvino_unet`).
+    (`lcmkit.accel.use_openvino_unet`), and the VAE decoder too unless a tiny VAE decodes
+    (`lcmkit.accel.use_openvino_vae_decoder`, compiled per latent size).
     """
     import torch
     import uvicorn
@@ -337,9 +338,12 @@ def serve(
             pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae, torch_dtype=dtype)
         pipe.to(device)
         if openvino:
-            from lcmkit.accel import use_openvino_unet
+            from lcmkit.accel import use_openvino_unet, use_openvino_vae_decoder
+            from lcmkit.models.vae import AutoencoderKL
 
             use_openvino_unet(pipe, openvino)
+            if isinstance(pipe.vae, AutoencoderKL):  # a tiny VAE stays eager: it is already cheap
+                use_openvino_vae_decoder(pipe, openvino)
         if not _is_loopback(host) and not api_key:
             logger.warning(
                 "serving on %s without an API key: anyone who can reach this port can generate", host

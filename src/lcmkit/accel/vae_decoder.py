@@ -1,0 +1,180 @@
+"""OpenVINO for the VAE decoder: `vae.decode` on a compiled graph, for the same image as eager.
+
+Why: at 512x512 the SD decoder is about 40% of a 4-step LCM run on the CPU, and with the UNet already on OpenVINO
+it is the larger share. In fp32 the compiled decoder computes what the eager one does up to rounding (a few 1e-6
+on random weights), so an OpenVINO UNet plus this decoder is a faster mode that keeps the eager image, unlike a
+tiny VAE.
+
+How it differs from the UNet's per-shape stand-in: the decoder has a single input (the latents after
+`post_quant_conv`) and no per-call options, so it is converted ONCE with batch, height and width left free, then
+compiled once per input shape, after the graph is reshaped to that static shape (the CPU plugin then picks the
+kernels a graph traced at that shape gets, and the same outputs; a graph compiled with free shapes ran slower in
+a small test). Plain decoding, `enable_slicing()` (batch 1) and `enable_tiling()` (one compiled shape per tile
+size) all work, and a new shape never needs tracing again.
+
+So the eager decoder's weights are not needed after conversion, and `use_openvino_vae_decoder` releases them
+(`vae.decoder` is replaced; nothing else in lcmkit holds the eager decoder): with a cache folder the graph is read
+back from its saved IR, memory-mapped, and holds no torch tensor; without one, the graph's constants are the torch
+weights themselves (shared, not copied). Each compiled shape holds its own weights in the CPU plugin's layout and
+its activation buffers (about 1.7x the decoder's fp32 weights per shape, measured on a 47 MB decoder at small
+sizes), so a server that sees many sizes pays per size. The rest of the VAE stays eager: `vae.encode`, `post_quant_conv`, `vae.dtype` / `vae.device` (read from
+the encoder's parameters), slicing and tiling. What that costs: the converted VAE's `state_dict()` (and so
+`save_pretrained`) refuses, since the decoder's weights are gone; save before converting. What the conversion
+fixes: the weights and `enable_subpixel_upsampling()` / `disable_...` as they were (later switches do nothing).
+
+Only the data-free precisions are offered ("fp32", "int8-weights"), as in the UNet's per-shape stand-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lcmkit.accel.openvino import (
+    DATA_FREE_PRECISIONS,
+    _check_threads,
+    _compile,
+    _GraphSource,
+    _import_nncf,
+    _import_openvino,
+    _load_or_build,
+    _numpy,
+)
+from lcmkit.accel.per_shape import default_cache_dir
+from lcmkit.models.vae import AutoencoderKL
+from lcmkit.nn.sampling import Upsample2D
+
+logger = logging.getLogger(__name__)
+
+
+def _decoder_source(vae: AutoencoderKL) -> _GraphSource:
+    """The decoder with batch, height and width free; its sub-pixel switches are part of the graph."""
+    c = vae.config.latent_channels
+    switches = [(name, m.subpixel) for name, m in vae.decoder.named_modules() if isinstance(m, Upsample2D)]
+    return _GraphSource(
+        name="vae-decoder",
+        module=vae.decoder,
+        traced=vae.decoder,
+        inputs={"z": (-1, c, -1, -1)},
+        example=(torch.zeros(1, c, 8, 8),),
+        output="sample",
+        description=repr((vae.config, switches)),
+    )
+
+
+def _check_vae(vae: Any) -> None:
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(
+            f"the OpenVINO VAE decoder replaces the decoder of an AutoencoderKL, got {type(vae).__name__}; "
+            "a tiny VAE (AutoencoderTiny) is already cheap and stays eager"
+        )
+    if isinstance(vae.decoder, OpenVINOVAEDecoder):
+        raise ValueError("this VAE's decoder is already an OpenVINO one; there is nothing left to convert")
+    weight = next(vae.decoder.parameters())
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(
+            f"the OpenVINO VAE decoder runs float32 on the CPU; this decoder is {weight.dtype} on "
+            f"{weight.device}. Load the pipeline in float32 on the CPU"
+        )
+
+
+class OpenVINOVAEDecoder(nn.Module):
+    """Stands in for `vae.decoder` (latents after `post_quant_conv` -> image): one OpenVINO graph converted at
+    construction, compiled once per input shape (batch, channels, height, width) on first use.
+
+    Inputs are moved to CPU float32; the image comes back on the input's device and dtype. No autograd.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        *,
+        precision: str = "fp32",
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        if precision not in DATA_FREE_PRECISIONS:
+            raise ValueError(
+                f"precision {precision!r} is not available for the VAE decoder; allowed: "
+                f"{list(DATA_FREE_PRECISIONS)}"
+            )
+        ov = _import_openvino()  # a missing package fails here, before any work
+        if precision != "fp32":
+            _import_nncf()
+        _check_vae(vae)
+        _check_threads(threads)
+        self.latent_channels: int = vae.config.latent_channels
+        self.precision = precision
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.threads = threads
+        started = time.perf_counter()
+        # detach: read back from the saved IR, so the graph holds no reference to the eager weights
+        self._model = _load_or_build(ov, _decoder_source(vae), precision, None, self.cache_dir, detach=True)
+        logger.info("OpenVINO VAE decoder (%s) ready after %.1f s", precision, time.perf_counter() - started)
+        self._requests: dict[tuple[int, int, int, int], Any] = {}
+
+    @property
+    def compiled_shapes(self) -> list[tuple[int, int, int, int]]:
+        """(batch, channels, latent height, latent width) of every graph compiled so far."""
+        return sorted(self._requests)
+
+    def extra_repr(self) -> str:
+        return f"precision={self.precision!r}, compiled={self.compiled_shapes}"
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode `z` (B, latent_channels, h, w) on the graph compiled for its shape, compiling it if new."""
+        if z.ndim != 4 or z.shape[1] != self.latent_channels or min(z.shape) < 1:
+            raise ValueError(
+                f"the OpenVINO VAE decoder takes latents (batch, {self.latent_channels}, height, width), got "
+                f"{tuple(z.shape)}"
+            )
+        key = tuple(z.shape)
+        request = self._requests.get(key) or self._compile_for(key)
+        out = request.infer([_numpy(z)])[0]
+        return torch.from_numpy(np.array(out, copy=True)).to(device=z.device, dtype=z.dtype)
+
+    def _compile_for(self, shape: tuple[int, int, int, int]) -> Any:
+        ov = _import_openvino()
+        logger.info("compiling the OpenVINO VAE decoder (%s) for latents %s", self.precision, shape)
+        model = self._model.clone()
+        model.reshape({0: ov.PartialShape(list(shape))})
+        request = _compile(ov, model, self.threads, self.cache_dir).create_infer_request()
+        self._requests[shape] = request
+        return request
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise ValueError(
+            "the VAE decoder runs on OpenVINO and its eager weights were released, so this VAE cannot be saved; "
+            "save it before use_openvino_vae_decoder, or load the model folder again"
+        )
+
+
+def use_openvino_vae_decoder(
+    pipe_or_vae: Any,
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> OpenVINOVAEDecoder:
+    """Replace `vae.decoder` (of `pipe.vae`, or of the AutoencoderKL given) with an `OpenVINOVAEDecoder` and
+    release the eager decoder; returns the stand-in.
+
+    It converts now (or reads the graph from `cache_dir`, default `default_cache_dir()`, where the next process
+    finds it) and compiles per latent shape on first use. Only the full AutoencoderKL converts: a tiny VAE stays
+    eager. The pipeline must run float32 on the CPU.
+    """
+    vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
+    stand_in = OpenVINOVAEDecoder(
+        vae,
+        precision=precision,
+        cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
+        threads=threads,
+    )
+    vae.decoder = stand_in  # the only reference lcmkit held to the eager decoder
+    return stand_in
