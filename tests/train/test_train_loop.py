@@ -212,3 +212,34 @@ def test_param_groups_scale_learning_rates_by_submodule():
     assert {id(p) for p in scaled} == {id(p) for p in model["text_encoder"].parameters()}
     with pytest.raises(ValueError, match="no trainable parameters"):
         _param_groups(model["frozen"], 1e-3, None)
+
+
+def test_recipe_plans_reach_the_loop_and_the_script_overrides_them():
+    """The shipped recipe's teacher decays over its last 600 steps and distillation over its last 200; the script's
+    --<stage>-lr-schedule changes the shape, and a stage cut shorter than its decay decays over all its steps."""
+    import importlib.util
+    from pathlib import Path
+
+    from lcmkit.train.recipe import RecipeConfig, _stage_configs
+
+    _, teacher, student, _ = _stage_configs(RecipeConfig())
+    assert (teacher.loop.lr_schedule, teacher.loop.lr_decay_steps, teacher.loop.max_steps) == (
+        "linear",
+        600,
+        4600,
+    )
+    assert (student.loop.lr_schedule, student.loop.lr_decay_steps) == ("linear", 200)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--teacher-steps", "300", "--distill-lr-schedule", "cosine"])
+    _, teacher, student, _ = _stage_configs(module.config_from_args(args))
+    assert (teacher.loop.lr_schedule, teacher.loop.lr_decay_steps, teacher.loop.max_steps) == (
+        "linear",
+        300,
+        300,
+    )
+    assert (student.loop.lr_schedule, student.loop.lr_decay_steps) == ("cosine", 200)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--teacher-lr-schedule", "step"])

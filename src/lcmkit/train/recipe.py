@@ -54,9 +54,9 @@ class StagePlan:
     learning_rate: float
     warmup: int = 0
     schedule: str = "constant"
-    decay_steps: int | None = (
-        None  # the last steps over which `schedule` falls to 0 (None: all after warm-up)
-    )
+    # The last steps over which `schedule` falls to 0 (None: all after the warm-up); a stage cut shorter than
+    # this (e.g. `--teacher-steps 300`) decays over all of its steps.
+    decay_steps: int | None = None
 
 
 @dataclass
@@ -135,7 +135,7 @@ def _loop(cfg: RecipeConfig, stage: str, plan: StagePlan) -> LoopConfig:
         learning_rate=plan.learning_rate,
         lr_warmup_steps=plan.warmup,
         lr_schedule=plan.schedule,
-        lr_decay_steps=plan.decay_steps,
+        lr_decay_steps=None if plan.decay_steps is None else min(plan.decay_steps, plan.steps),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
