@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_diffusers import RESULTS, ensure_model, generate, load, machine_info, timed_run  # noqa: E402
+from bench_vs_diffusers import RESULTS, compare_size, ensure_model, load, machine_info  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,20 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     ours.unet = openvino_unet(ours.unet, height=args.size, width=args.size, precision="fp32", cache_dir=cache)
     use_openvino_vae_decoder(ours, "fp32", cache_dir=cache)
     prepare_s = time.perf_counter() - t0
-    pipes = {"diffusers": ref, "openvino fp32": ours}
-    for pipe in pipes.values():
-        generate(pipe, args.size)  # warm-up (and the decoder's compile for this size)
-    runs: dict[str, list] = {lib: [] for lib in pipes}
-    images: dict[str, np.ndarray] = {}
-    for rep in range(args.reps):
-        for lib in list(pipes) if rep % 2 == 0 else list(reversed(pipes)):
-            record, images[lib] = timed_run(pipes[lib], args.size)
-            runs[lib].append(record)
-            print(f"  rep {rep} {lib:14s} {record['end_to_end_s']:7.2f} s", flush=True)
-    median = {lib: statistics.median(r["end_to_end_s"] for r in rs) for lib, rs in runs.items()}
-    diff = float(
-        np.abs(images["diffusers"].astype(np.float64) - images["openvino fp32"].astype(np.float64)).max()
-    )
+    # compare_size warms each up, alternates them run by run and diffs "lcmkit" (here the OpenVINO one) against diffusers
+    result, _ = compare_size({"diffusers": ref, "lcmkit": ours}, args.size, args.reps)
+    runs = {"diffusers": result["runs"]["diffusers"], "openvino fp32": result["runs"]["lcmkit"]}
+    summary = result["summary"]
+    median = {
+        "diffusers": summary["diffusers"]["end_to_end_s"],
+        "openvino fp32": summary["lcmkit"]["end_to_end_s"],
+    }
+    diff = result["max_abs_image_diff"]
     report = {
         "command": " ".join(["benchmarks/bench_openvino_exact.py", *(argv or sys.argv[1:])]),
         "machine": machine_info(),
