@@ -376,12 +376,9 @@ def install_openvino(pipe: Any, precision: str) -> None:
     """--openvino: the UNet (LoRAs baked in at their weights, so after they are set) and the full VAE's decoder
     through OpenVINO. A tiny VAE stays eager: it is already cheap, and it is not an AutoencoderKL."""
     try:
-        from lcmkit.accel import use_openvino_unet, use_openvino_vae_decoder
-        from lcmkit.models.vae import AutoencoderKL
+        from lcmkit.accel import use_openvino
 
-        use_openvino_unet(pipe, precision)
-        if isinstance(pipe.vae, AutoencoderKL):
-            use_openvino_vae_decoder(pipe, precision)
+        use_openvino(pipe, precision)
     except (ImportError, ValueError) as e:
         raise CliError(f"--openvino {precision}: {e}") from None
 

@@ -23,6 +23,7 @@ _EXPORTS = {
     "use_openvino_unet": "lcmkit.accel.per_shape",
     "OpenVINOVAEDecoder": "lcmkit.accel.vae_decoder",
     "use_openvino_vae_decoder": "lcmkit.accel.vae_decoder",
+    "use_openvino": "lcmkit.accel.vae_decoder",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,7 +46,7 @@ from lcmkit.accel.openvino import (
     _load_or_build,
     _numpy,
 )
-from lcmkit.accel.per_shape import default_cache_dir
+from lcmkit.accel.per_shape import default_cache_dir, use_openvino_unet
 from lcmkit.models.vae import AutoencoderKL
 from lcmkit.nn.sampling import Upsample2D
 
@@ -178,3 +178,12 @@ def use_openvino_vae_decoder(
     )
     vae.decoder = stand_in  # the only reference lcmkit held to the eager decoder
     return stand_in
+
+
+def use_openvino(pipe: Any, precision: str = "fp32", cache_dir: str | Path | None = None) -> None:
+    """What `--openvino` does on the CLI and the server: the UNet through OpenVINO (`use_openvino_unet`, per image
+    size) and, when the pipeline decodes with the full AutoencoderKL, its decoder too. A tiny VAE stays eager: it is
+    already cheap, and it is not an AutoencoderKL."""
+    use_openvino_unet(pipe, precision, cache_dir=cache_dir)
+    if isinstance(pipe.vae, AutoencoderKL):
+        use_openvino_vae_decoder(pipe, precision, cache_dir=cache_dir)

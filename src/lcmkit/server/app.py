@@ -338,12 +338,9 @@ def serve(
             pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae, torch_dtype=dtype)
         pipe.to(device)
         if openvino:
-            from lcmkit.accel import use_openvino_unet, use_openvino_vae_decoder
-            from lcmkit.models.vae import AutoencoderKL
+            from lcmkit.accel import use_openvino
 
-            use_openvino_unet(pipe, openvino)
-            if isinstance(pipe.vae, AutoencoderKL):  # a tiny VAE stays eager: it is already cheap
-                use_openvino_vae_decoder(pipe, openvino)
+            use_openvino(pipe, openvino)
         if not _is_loopback(host) and not api_key:
             logger.warning(
                 "serving on %s without an API key: anyone who can reach this port can generate", host
