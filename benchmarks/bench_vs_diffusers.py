@@ -472,9 +472,6 @@ CALIBRATION_PROMPTS = (
 )
 
 
-OV_VAE_PRECISIONS = ("fp32", "int8-weights")  # the data-free ones `use_openvino_vae_decoder` offers
-
-
 def bench_openvino_vae(
     ours: Any, unet: Any, size: int, reps: int, precision: str, cache: Path, images: dict[str, np.ndarray]
 ) -> dict[str, Any]:
@@ -529,7 +526,12 @@ def bench_openvino(
     Conversion (and, for the int8 precisions that quantize activations, calibration on 4 prompts of this size) is timed apart from generation; converted
     graphs are cached under `cache`, so a rerun reports a cache read instead (`converted_from_cache`).
     """
-    from lcmkit.accel.openvino import NEEDS_CALIBRATION, collect_unet_inputs, openvino_unet
+    from lcmkit.accel.openvino import (
+        DATA_FREE_PRECISIONS,
+        NEEDS_CALIBRATION,
+        collect_unet_inputs,
+        openvino_unet,
+    )
 
     out: dict[str, Any] = {}
     for precision in precisions:
@@ -564,7 +566,7 @@ def bench_openvino(
         print(f"  OpenVINO {precision} + TAESD: {out[precision]['summary']['end_to_end_s']:.2f} s "
               f"(convert + compile {convert_s:.0f} s, calibration {calibrate_s:.0f} s)", flush=True)  # fmt: skip
         del fast
-        if precision in OV_VAE_PRECISIONS:
+        if precision in DATA_FREE_PRECISIONS:  # the ones use_openvino_vae_decoder offers
             gc.collect()
             out[precision]["unet_vae"] = bench_openvino_vae(ours, unet, size, reps, precision, cache, images)
         del unet, calibration
