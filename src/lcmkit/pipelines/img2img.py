@@ -73,6 +73,7 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
             else:
                 z0 = _posterior_latents(self.vae.encode(image), generator)
             z0 = self.vae.config.scaling_factor * z0
+            self._page_out(self.vae)
         if z0.shape[0] < batch:
             if batch % z0.shape[0]:
                 raise ValueError(
