@@ -11,7 +11,8 @@ encoder), built once with a fixed seed and saved as a diffusers `LatentConsisten
 `--model-dir` (reused when present). The SAME folder is loaded into both libraries. Timing is per stage (text
 encoder, each UNet call, VAE decode, through forward hooks and a wrapper on `vae.decode` during ordinary pipeline
 calls) and end to end, after one warm-up call per library and size, alternating which library goes first. Peak RSS
-comes from a child process per library that only loads and runs that pipeline once. FLOPs come from
+comes from a child process per library that only loads and runs that pipeline once (lcmkit twice: as it comes, with
+weight paging, and with `disable_weight_paging()`, every weight resident). FLOPs come from
 `torch.utils.flop_counter.FlopCounterMode` on one UNet call and one decode, and are compared with a 4096² fp32
 matmul timed in the same run (the practical peak of PyTorch's kernels here).
 
@@ -355,6 +356,8 @@ def child_main(lib: str, folder: Path, size: int) -> None:
         from lcmkit import LatentConsistencyModelPipeline  # noqa: F401,F811 (lcmkit imports lazily)
     import_s = time.perf_counter() - t0
     pipe, load_s = load(lib, folder)
+    if lib == "lcmkit-resident":  # lcmkit with every weight kept resident (weight paging off)
+        pipe.disable_weight_paging()
     t1 = time.perf_counter()
     generate(pipe, size)
     run_s = time.perf_counter() - t1
@@ -691,7 +694,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--note", default="", help="free text stored in the JSON (e.g. what else ran on the machine)"
     )
-    p.add_argument("--child", choices=("diffusers", "lcmkit"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("diffusers", "lcmkit", "lcmkit-resident"), help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=256, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes = args.sizes or ([256] if args.quick else [256, 512])
@@ -728,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_rss:
         report["peak_rss"] = {}
         for size in args.sizes:
-            for lib in ("diffusers", "lcmkit"):
+            for lib in ("diffusers", "lcmkit", "lcmkit-resident"):
                 print(f"peak RSS child: {lib} at {size}x{size} ...", flush=True)
                 report["peak_rss"][f"{lib}_{size}"] = peak_rss(
                     lib, args.model_dir, size, torch.get_num_threads()
