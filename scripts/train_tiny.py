@@ -1,7 +1,7 @@
 """Train lcmkit's tiny real LCM from scratch: VAE -> teacher -> latent consistency distillation -> an LCM folder,
 then its fast-mode decoder (a TAESD-layout tiny autoencoder distilled from the VAE; --tiny-vae-steps 0 skips it).
 
-    .venv/bin/python scripts/train_tiny.py --out runs/tiny   # the shipped model's recipe (2 idle cores: ~85 min)
+    .venv/bin/python scripts/train_tiny.py --out runs/tiny   # the shipped model's recipe (2 idle cores: about 105 min)
     .venv/bin/python scripts/train_tiny.py --out runs/tiny --ship src/lcmkit/assets/tiny-lcm --ship-tiny-vae src/lcmkit/assets/tiny-lcm-taesd --overwrite
     .venv/bin/python scripts/train_tiny.py --out runs/tiny --resume   # continue a stopped run
     .venv/bin/python scripts/train_tiny.py --out runs/tiny-quick --quick   # smoke run of every stage (CPU, minutes)

@@ -172,9 +172,10 @@ def test_cli_default_model_is_the_shipped_one(tmp_path, capsys):
 
 def test_shipped_tiny_vae_imitates_the_models_vae(ours):
     """The shipped TAESD-layout decoder turns latents into nearly the VAE's images, mean PSNR against the VAE's:
-    >= 26 dB on the VAE's latents of 32 held-out scenes (measured 28.7 dB) and >= 23 dB on 16 LCM outputs, the
-    latents fast mode decodes (measured 25.1 dB; it learned on both; benchmarks/fast_mode_quality.py measured
-    27.7 dB on 200 outputs at guidance 8.5).
+    >= 32 dB on the VAE's latents of 32 held-out scenes (measured 34.5 dB) and >= 29 dB on 16 LCM outputs, the
+    latents fast mode decodes (measured 31.0 dB; it learned on both; benchmarks/fast_mode_quality.py measured
+    33.2 dB on 200 outputs at guidance 8.5). The decoder shipped before the recipe's longer, decaying schedule
+    measured 28.7 and 25.1 dB here.
     The CLI test above runs it through --tiny-vae."""
     from lcmkit.models.tiny_vae import AutoencoderTiny
     from lcmkit.train.data import WorldConfig, sample_scene
@@ -195,7 +196,7 @@ def test_shipped_tiny_vae_imitates_the_models_vae(ours):
     )
     with torch.no_grad():
         encoded = ours.vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(0)) * s
-        for name, z, bar in (("encoder", encoded, 26), ("LCM output", sampled.images, 23)):
+        for name, z, bar in (("encoder", encoded, 32), ("LCM output", sampled.images, 29)):
             exact = ours.vae.decode(z / s).sample.clamp(-1, 1)
             fast = tiny.decode(z / tiny.config.scaling_factor).sample.clamp(-1, 1)  # as the pipeline decodes
             mse = ((fast - exact) / 2).pow(2).flatten(1).mean(1)

@@ -215,14 +215,16 @@ def test_param_groups_scale_learning_rates_by_submodule():
 
 
 def test_recipe_plans_reach_the_loop_and_the_script_overrides_them():
-    """The shipped recipe's teacher decays over its last 600 steps and distillation over its last 200; the script's
-    --<stage>-lr-schedule changes the shape, and a stage cut shorter than its decay decays over all its steps."""
+    """The shipped recipe's teacher decays over its last 600 steps, distillation over its last 200 and the tiny
+    autoencoder over the last 1,200 of 2,400; the script's --<stage>-lr-schedule changes the shape, and a stage cut
+    shorter than its decay decays over all its steps."""
     import importlib.util
     from pathlib import Path
 
     from lcmkit.train.recipe import RecipeConfig, _stage_configs
 
-    _, teacher, student, _ = _stage_configs(RecipeConfig())
+    _, teacher, student, tiny = _stage_configs(RecipeConfig())
+    assert (tiny.loop.lr_schedule, tiny.loop.lr_decay_steps, tiny.loop.max_steps) == ("linear", 1200, 2400)
     assert (teacher.loop.lr_schedule, teacher.loop.lr_decay_steps, teacher.loop.max_steps) == (
         "linear",
         600,
