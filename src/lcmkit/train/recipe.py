@@ -74,7 +74,9 @@ class RecipeConfig:
     # The fast-mode decoder: a TAESD-layout autoencoder distilled from the VAE (train/tiny_autoencoder.py); None skips.
     # 800 constant-rate steps left its loss still falling (27.7 dB against exact-mode images, caption fidelity -5.7%);
     # 1,600 with the last 600 decaying reached 31.8 dB and -2.3%; this is for the fast-mode bar (30 dB, within 2%).
-    tiny_vae: StagePlan | None = field(default_factory=lambda: StagePlan(2_400, 16, 1e-3, 50, "linear", 1_200))
+    tiny_vae: StagePlan | None = field(
+        default_factory=lambda: StagePlan(2_400, 16, 1e-3, 50, "linear", 1_200)
+    )
     tiny_vae_channels: int = 32
     # LCM latents (from `lcm/`) drawn once for the tiny decoder to learn on beside the encoder's; see
     # train/tiny_autoencoder.py for why.
