@@ -254,3 +254,32 @@ def test_import_lcmkit_does_not_import_openvino():
         "bad = [m for m in ('openvino', 'nncf') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@needs_openvino
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="weight paging uses /proc/self/pagemap")
+def test_cached_fp32_conversion_releases_the_eager_weights(sd15, recorded, tmp_path, monkeypatch):
+    """With a cache, the eager UNet's memory-mapped pages are handed back once its digest is taken (OpenVINO works
+    from its own copy), and a cached graph is compiled from its file; the eager UNet still computes the same."""
+    from lcmkit.loading.paging import resident_weight_bytes, weight_ranges
+
+    unet = sd15.unet
+    ref = _call(unet, recorded[0])
+    size = sum(end - start for start, end in weight_ranges([unet]))
+    assert resident_weight_bytes(unet) == size  # the eager call read every page
+    kwargs = dict(batch_size=1, vae_scale_factor=sd15.vae_scale_factor, threads=1, cache_dir=tmp_path)
+    fast = openvino_unet(unet, **kwargs)
+    assert resident_weight_bytes(unet) < 0.1 * size
+    assert _max_diff(_call(fast, recorded[0]), ref) <= FP32_CALL_TOL
+    monkeypatch.setattr(ov_module, "_convert", _no_conversion)
+    compiled_from = []
+    real_compile = ov_module._compile
+    monkeypatch.setattr(
+        ov_module,
+        "_compile",
+        lambda ov, model, *a: compiled_from.append(model) or real_compile(ov, model, *a),
+    )
+    again = openvino_unet(unet, **kwargs)
+    assert compiled_from == [str(next(tmp_path.glob("unet-fp32-*.xml")))]
+    assert _max_diff(_call(again, recorded[0]), ref) <= FP32_CALL_TOL
+    assert torch.equal(_call(unet, recorded[0]), ref)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lcmkit.loading.paging import release_weight_pages
 from lcmkit.models.unet import UNet2DConditionOutput
 from lcmkit.nn.lora import lora_layers
 
@@ -394,21 +395,27 @@ def _load_or_build(
     cache_dir: Path | None,
     *,
     detach: bool = False,
+    as_path: bool = False,
 ) -> Any:
     """The OpenVINO model for `precision`: read from `cache_dir` when there, else converted (from the cached fp32
     IR when there: tracing is the slow part of converting) and quantized, and saved there.
 
     A freshly converted model shares its constants with the torch weights. `detach=True` returns it read back
     from the saved IR instead (memory-mapped), so the caller may release the torch module; without `cache_dir`
-    there is no file to read back, and the model keeps those weights alive (one copy, shared)."""
+    there is no file to read back, and the model keeps those weights alive (one copy, shared). `as_path=True`
+    (with a `cache_dir`) returns the IR file's path instead, for `_compile`: OpenVINO then finds its compiled blob
+    for that file without reading the graph's weights into memory."""
     core = ov.Core()
     if cache_dir is None:
         return _quantize(_convert(ov, source), precision, calibration)
     graph = _graph_digest(source)
+    # The digest read every eager weight into memory; OpenVINO works from its own copy from here on, so hand the
+    # memory-mapped pages back (they are read again if this module is ever converted or run eagerly).
+    release_weight_pages(source.module)
     path = cache_dir / f"{source.name}-{precision}-{_precision_digest(graph, precision, calibration)}.xml"
     if path.exists():
         logger.info("reading the converted %s from %s", source.name, path)
-        return core.read_model(path)
+        return str(path) if as_path else core.read_model(path)
     fp32_path = cache_dir / f"{source.name}-fp32-{graph}.xml"
     cache_dir.mkdir(parents=True, exist_ok=True)
     if fp32_path.exists():
@@ -416,9 +423,14 @@ def _load_or_build(
     else:
         model = _convert(ov, source)
         ov.save_model(model, fp32_path, compress_to_fp16=False)  # fp16 would change the weights
+        if detach or as_path or precision != "fp32":  # then what is returned comes from the file, not this
+            model = core.read_model(fp32_path)
+            release_weight_pages(source.module)
     if precision != "fp32":
         model = _quantize(model, precision, calibration)
         ov.save_model(model, path, compress_to_fp16=False)
+    if as_path:
+        return str(path)
     return core.read_model(path) if detach else model
 
 
@@ -449,8 +461,8 @@ def _convert(ov: Any, source: _GraphSource) -> Any:
 
 
 def _compile(ov: Any, model: Any, threads: int | None, cache_dir: str | Path | None) -> Any:
-    """Compile for this CPU in float32 (no bf16/fp16 inference on CPUs that have it), for the latency of one
-    call; compiled blobs are cached under `cache_dir`/compiled when given."""
+    """Compile `model` (an ov.Model, or an IR file's path) for this CPU in float32 (no bf16/fp16 inference on CPUs
+    that have it), for the latency of one call; compiled blobs are cached under `cache_dir`/compiled when given."""
     props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads is not None:
         props["INFERENCE_NUM_THREADS"] = threads
@@ -545,7 +557,9 @@ def openvino_unet(
 
     started = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else None
-    model = _load_or_build(ov, _unet_source(unet, shapes), precision, batches, cache)
+    model = _load_or_build(
+        ov, _unet_source(unet, shapes), precision, batches, cache, as_path=cache is not None
+    )
     logger.info("OpenVINO UNet (%s) ready to compile after %.1f s", precision, time.perf_counter() - started)
     compiled = _compile(ov, model, threads, cache_dir)
     return OpenVINOUNet(
