@@ -76,12 +76,16 @@ def weight_ranges(modules: Iterable[object]) -> list[tuple[int, int]]:
     return merged
 
 
+def _entries(pagemap: object, start: int, end: int) -> np.ndarray:
+    """The pagemap's 64-bit entries of the pages in [start, end) (page-aligned)."""
+    pagemap.seek(start // _PAGE * 8)
+    return np.frombuffer(pagemap.read((end - start) // _PAGE * 8), dtype=np.uint64)
+
+
 def _clean_runs(pagemap: object, start: int, end: int) -> list[tuple[int, int]]:
     """Runs [a, b) of pages in [start, end) that are present and file-backed (or shared), from the pagemap."""
-    first, count = start // _PAGE, (end - start) // _PAGE
-    pagemap.seek(first * 8)
-    entries = np.frombuffer(pagemap.read(count * 8), dtype=np.uint64)
-    if entries.size != count:  # a range the kernel would not describe: leave it alone
+    entries = _entries(pagemap, start, end)
+    if entries.size != (end - start) // _PAGE:  # a range the kernel would not describe: leave it alone
         return []
     clean = ((entries & _PRESENT) != 0) & ((entries & _FILE_OR_SHARED) != 0)
     if not clean.any():
@@ -96,9 +100,7 @@ def resident_weight_bytes(*modules: object) -> int | None:
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
             for start, end in weight_ranges(modules):
-                pagemap.seek(start // _PAGE * 8)
-                entries = np.frombuffer(pagemap.read((end - start) // _PAGE * 8), dtype=np.uint64)
-                total += int(np.count_nonzero(entries & _PRESENT)) * _PAGE
+                total += int(np.count_nonzero(_entries(pagemap, start, end) & _PRESENT)) * _PAGE
     except OSError:
         return None
     return total
