@@ -22,6 +22,11 @@ def touch(module: torch.nn.Module) -> float:
         return sum(float(p.double().sum()) for p in module.parameters())
 
 
+def mapped(module: torch.nn.Module) -> int:
+    """Bytes of the pages that hold the module's weights."""
+    return sum(end - start for start, end in weight_ranges([module]))
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -38,7 +43,7 @@ def unet(tiny_folders):
 def test_release_drops_file_pages_and_keeps_the_weights(unet):
     ref = snapshot(unet)
     touch(unet)
-    total = sum(end - start for start, end in weight_ranges([unet]))
+    total = mapped(unet)
     assert resident_weight_bytes(unet) == total  # every page mapped after a full read
     released = release_weight_pages(unet)
     assert released >= total * 0.9  # all but pages the snapshot's reads may share with non-weight data
@@ -81,12 +86,12 @@ def test_pipeline_pages_out_each_model_after_its_stage(tiny_folders):
     kw = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     paged = pipe("a cat", **kw).images
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        assert resident_weight_bytes(model) < 0.1 * sum(e - s for s, e in weight_ranges([model]))
+        assert resident_weight_bytes(model) < 0.1 * mapped(model)
     pipe.disable_weight_paging()
     kw["generator"] = torch.Generator().manual_seed(0)
     resident = pipe("a cat", **kw).images
     assert np.array_equal(paged, resident)
-    assert resident_weight_bytes(pipe.unet) == sum(e - s for s, e in weight_ranges([pipe.unet]))
+    assert resident_weight_bytes(pipe.unet) == mapped(pipe.unet)
     pipe.enable_weight_paging()
     assert pipe.weight_paging
 
@@ -97,7 +102,7 @@ def test_img2img_pages_out_too(tiny_folders):
     image = torch.rand(1, 3, 64, 64)
     kw = dict(image=image, num_inference_steps=2, strength=0.6, output_type="np")
     paged = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
-    assert resident_weight_bytes(pipe.unet) < 0.1 * sum(e - s for s, e in weight_ranges([pipe.unet]))
+    assert resident_weight_bytes(pipe.unet) < 0.1 * mapped(pipe.unet)
     pipe.disable_weight_paging()
     resident = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     assert np.array_equal(paged, resident)

@@ -408,18 +408,19 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
             cfg_scale = negative_guidance_scale if has_negative else 1.0
         else:
             cfg_scale = guidance_scale
+        negative = None
         if cfg_scale <= 1.0:
             if has_negative:
                 logger.warning(
                     "the negative prompt is ignored: classifier-free guidance needs a scale > 1 (got %g)",
                     cfg_scale,
                 )
-            self._page_out(self.text_encoder)
-            return Conditioning(embeds, None, w_embedding, 1.0)
-        with scale_lora(self.text_encoder, lora_scale):
-            negative = self.encode_negative_prompt(
-                negative_prompt, batch, device, num_images_per_prompt, negative_prompt_embeds, prompt
-            )
+            cfg_scale = 1.0
+        else:
+            with scale_lora(self.text_encoder, lora_scale):
+                negative = self.encode_negative_prompt(
+                    negative_prompt, batch, device, num_images_per_prompt, negative_prompt_embeds, prompt
+                )
         self._page_out(self.text_encoder)
         return Conditioning(embeds, negative, w_embedding, cfg_scale)
 
