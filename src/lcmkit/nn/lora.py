@@ -135,7 +135,9 @@ class LoraLayer(nn.Module):
         return F.linear(F.linear(x, down), up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_conv:
+        if self.is_conv and self.base.weight is self.weight and self.base.bias is self.bias:
+            out = self.base(x)  # the base layer's own forward: lcmkit's Conv2d packs its weight for inference
+        elif self.is_conv:
             out = self.base._conv_forward(x, self.weight, self.bias)
         else:
             out = F.linear(x, self.weight, self.bias)

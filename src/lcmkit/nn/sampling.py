@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lcmkit.nn.conv import Conv2d
 from lcmkit.nn.fast_upsample import nearest2x_conv3x3, subpixel_kernels
 
 
@@ -15,7 +16,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, out_channels: int | None = None, padding: int = 1) -> None:
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -33,7 +34,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None, subpixel: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
         self.subpixel = subpixel
         self._kernel_cache: tuple[tuple, torch.Tensor] | None = None
 

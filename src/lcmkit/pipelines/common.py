@@ -25,6 +25,7 @@ from lcmkit.loading.single_file import FromSingleFileMixin
 from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
 from lcmkit.models.safety import run_safety_checker
 from lcmkit.models.text import encode_negative_prompt, encode_prompt
+from lcmkit.nn.conv import Prepack, set_conv_prepacking
 from lcmkit.pipelines.image import postprocess
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.lcm_math import guidance_scale_embedding
@@ -222,6 +223,17 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
     @property
     def weight_paging(self) -> bool:
         return self._weight_paging
+
+    def set_conv_prepacking(self, mode: Prepack) -> None:
+        """How the UNet's and VAE's 3x3 convolutions use oneDNN-packed weights at small sizes (`lcmkit.nn.conv`).
+
+        "auto" (the default): pack memory-mapped weights, whose file pages are released in exchange, so packing
+        costs no memory; "always": pack in-memory weights too (fused LoRA, converted checkpoints), a copy of each;
+        "off": the plain `F.conv2d` path everywhere.
+        """
+        for model in (self.unet, self.vae):
+            if isinstance(model, torch.nn.Module):
+                set_conv_prepacking(model, mode)
 
     def _page_out(self, *modules: Any) -> None:
         if self._weight_paging:

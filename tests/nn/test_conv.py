@@ -1,0 +1,158 @@
+"""`lcmkit.nn.Conv2d`: oneDNN-packed weights give `F.conv2d`'s result, and are remade whenever the weight changes."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lcmkit import LatentConsistencyModelPipeline
+from lcmkit.nn.conv import PACKED_MAX_PIXELS, Conv2d, set_conv_prepacking
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN (mkldnn)"
+)
+
+
+def reference(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def make(prepack: str = "always", stride: int = 1, seed: int = 0) -> Conv2d:
+    torch.manual_seed(seed)
+    return Conv2d(32, 48, 3, stride=stride, padding=1, prepack=prepack).eval()
+
+
+def packed(conv: Conv2d) -> bool:
+    return conv._packed.packed is not None
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_packed_forward_matches_conv2d(stride):
+    conv = make(stride=stride)
+    x = torch.randn(2, 32, 16, 12)
+    with torch.no_grad():
+        y = conv(x)
+    assert packed(conv)
+    torch.testing.assert_close(y, reference(conv, x), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_packs_memory_mapped_weights_and_releases_their_pages(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("file-backed pages are detected through /proc/self/pagemap")
+    from lcmkit.loading.paging import resident_weight_bytes
+
+    torch.manual_seed(0)
+    conv = Conv2d(256, 256, 3, padding=1).eval()  # 2.4 MB: well above the kernel's 64 KB fault-around
+    x = torch.randn(1, 256, 16, 16)
+    save_file({k: v.contiguous() for k, v in conv.state_dict().items()}, tmp_path / "conv.safetensors")
+    conv.load_state_dict(load_file(tmp_path / "conv.safetensors"), assign=True)  # mmapped, as from_pretrained
+    with torch.no_grad():
+        y = conv(x)
+    assert packed(conv)
+    assert resident_weight_bytes(conv) < conv.weight.numel() * 4 // 2  # the plain copy's pages went back
+    torch.testing.assert_close(y, reference(conv, x), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_keeps_in_memory_weights_on_the_plain_path():
+    conv = make("auto")
+    x = torch.randn(1, 32, 16, 16)
+    with torch.no_grad():
+        y = conv(x)
+        assert not packed(conv)  # a packed copy would cost memory here
+        assert torch.equal(y, reference(conv, x))
+
+
+def test_off_large_inputs_and_autograd_use_the_plain_path():
+    conv = make("off")
+    with torch.no_grad():
+        conv(torch.randn(1, 32, 8, 8))
+    assert not packed(conv)
+
+    conv = make("always")
+    side = int(PACKED_MAX_PIXELS**0.5) * 2
+    with torch.no_grad():
+        conv(torch.randn(1, 32, side, side))
+    assert not packed(conv)
+
+    conv = make("always").train()
+    x = torch.randn(1, 32, 8, 8, requires_grad=True)
+    conv(x).sum().backward()
+    assert not packed(conv)
+    assert conv.weight.grad is not None and x.grad is not None
+
+
+def test_changed_replaced_and_cast_weights_are_repacked():
+    conv = make()
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.mul_(-2.0)  # in place: the version counter moves
+        torch.testing.assert_close(conv(x), reference(conv, x), atol=1e-5, rtol=1e-5)
+        conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))  # replaced
+        torch.testing.assert_close(conv(x), reference(conv, x), atol=1e-5, rtol=1e-5)
+        conv.load_state_dict(make(seed=1).state_dict())  # copied in
+        torch.testing.assert_close(conv(x), reference(conv, x), atol=1e-5, rtol=1e-5)
+        conv.double()  # float64: never packed
+        xd = x.double()
+        torch.testing.assert_close(conv(xd), reference(conv, xd))
+        conv.float()
+        torch.testing.assert_close(conv(x), reference(conv, x), atol=1e-5, rtol=1e-5)
+
+
+def test_copies_and_pickles_drop_the_packed_weight():
+    conv = make()
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        for clone in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+            assert not packed(clone)
+            clone.weight.add_(1.0)
+            torch.testing.assert_close(clone(x), reference(clone, x), atol=1e-5, rtol=1e-5)
+    assert set(conv.state_dict()) == {"weight", "bias"}
+
+
+def test_set_conv_prepacking_reaches_every_layer_and_rejects_unknown_modes():
+    model = torch.nn.Sequential(make("auto"), torch.nn.SiLU(), make("auto"))
+    assert set_conv_prepacking(model, "off") == 2
+    assert all(layer.prepack == "off" for layer in model if isinstance(layer, Conv2d))
+    with pytest.raises(ValueError, match="'fast' is not one of"):
+        set_conv_prepacking(model, "fast")
+
+
+def test_packed_convs_give_the_plain_image(tiny_folders):
+    pipe = LatentConsistencyModelPipeline.from_pretrained(tiny_folders["sd15"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.disable_weight_paging()
+    kw = dict(num_inference_steps=2, output_type="np")
+    packed = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    layers = [m for m in pipe.unet.modules() if isinstance(m, Conv2d)]
+    assert any(m._packed.packed is not None for m in layers)  # "auto": the folder's weights are memory-mapped
+    pipe.set_conv_prepacking("off")
+    plain = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    np.testing.assert_allclose(packed, plain, atol=1e-5)
+
+
+def test_an_unfused_lora_keeps_the_packed_base_and_adds_its_own_path():
+    from lcmkit.nn.lora import LoraLayer, LoraWeights
+
+    conv = make()
+    layer = LoraLayer(conv)
+    g = torch.Generator().manual_seed(0)
+    lora = LoraWeights(
+        down=torch.randn(2, 32, 3, 3, generator=g), up=torch.randn(48, 2, 1, 1, generator=g), alpha=2.0
+    )
+    layer.add_adapter("a", lora)
+    layer.active = ["a"]
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        y = layer(x)
+        expected = reference(conv, x) + F.conv2d(F.conv2d(x, lora.down, padding=1), lora.up)
+    assert packed(conv)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
