@@ -333,13 +333,22 @@ def count_flops(pipe: Any, size: int) -> dict[str, float]:
     text = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
     w_embedding = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
     out = {}
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            pipe.unet(z, torch.tensor(999), encoder_hidden_states=text, timestep_cond=w_embedding)
-        out["unet_call_flops"] = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
-            pipe.vae.decode(z / pipe.vae.config.scaling_factor)
-        out["vae_decode_flops"] = counter.get_total_flops()
+    # FlopCounterMode does not see oneDNN's packed-weight convolution (lcmkit.nn.conv): count on the plain path,
+    # which does the same arithmetic, then put the default back
+    packing = getattr(pipe, "set_conv_prepacking", None)
+    if packing is not None:
+        packing("off")
+    try:
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as counter:
+                pipe.unet(z, torch.tensor(999), encoder_hidden_states=text, timestep_cond=w_embedding)
+            out["unet_call_flops"] = counter.get_total_flops()
+            with FlopCounterMode(display=False) as counter:
+                pipe.vae.decode(z / pipe.vae.config.scaling_factor)
+            out["vae_decode_flops"] = counter.get_total_flops()
+    finally:
+        if packing is not None:
+            packing("auto")
     return out
 
 
