@@ -156,3 +156,13 @@ def test_an_unfused_lora_keeps_the_packed_base_and_adds_its_own_path():
         expected = reference(conv, x) + F.conv2d(F.conv2d(x, lora.down, padding=1), lora.up)
     assert packed(conv)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_weights_made_under_inference_mode_take_the_plain_path():
+    """Inference tensors have no version counter, so an in-place edit could not be noticed: never packed."""
+    with torch.inference_mode():
+        conv = make()
+        x = torch.randn(1, 32, 8, 8)
+        y = conv(x)
+        assert not packed(conv)
+        assert torch.equal(y, reference(conv, x))

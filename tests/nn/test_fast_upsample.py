@@ -75,3 +75,16 @@ def test_rejects_wrong_shapes():
         nearest2x_conv3x3(torch.zeros(4, 8, 8), torch.zeros(4, 4, 3, 3))
     with pytest.raises(ValueError, match="do not fit"):
         nearest2x_conv3x3(torch.zeros(1, 4, 8, 8), torch.zeros(4, 4, 3, 3), kernels=torch.zeros(16, 3, 2, 2))
+
+
+def test_upsample_layer_made_under_inference_mode():
+    """Weights made under inference_mode have no version counter: the layer computes its kernels fresh."""
+    from lcmkit.nn.sampling import Upsample2D
+
+    with torch.inference_mode():
+        layer = Upsample2D(8, subpixel=True)
+        x = torch.randn(1, 8, 4, 4)
+        expected = F.conv2d(
+            F.interpolate(x, scale_factor=2.0, mode="nearest"), layer.conv.weight, layer.conv.bias, padding=1
+        )
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)

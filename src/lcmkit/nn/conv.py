@@ -104,6 +104,7 @@ class Conv2d(nn.Conv2d):
             and w.device.type == "cpu"
             and x.dtype == w.dtype == torch.float32
             and x.layout == torch.strided
+            and not w.is_inference()  # made under inference_mode: no version counter to notice in-place edits
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             and not _capturing()
             and _mkldnn_ready()

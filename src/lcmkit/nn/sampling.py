@@ -41,7 +41,9 @@ class Upsample2D(nn.Module):
     def _subpixel_kernels(self) -> torch.Tensor:
         """Phase kernels, cached until the weight is replaced, changed in place, moved or cast; fresh under autograd."""
         w = self.conv.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (
+            torch.is_grad_enabled() and w.requires_grad
+        ) or w.is_inference():  # inference tensors have no version
             return subpixel_kernels(w)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._kernel_cache is None or self._kernel_cache[0] != key:
