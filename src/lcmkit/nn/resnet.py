@@ -38,13 +38,18 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # Without autograd, the SiLUs and the residual add reuse tensors this block just made instead of allocating:
+        # at the VAE decoder's 512x512 level one activation is 134 MB, and a fresh one costs ~45 ms of page faults
+        # (SiLU 68 ms allocating, 16 ms in place, on a 2-core VM). Not while a hook on a norm may keep its output.
+        reuse = not torch.is_grad_enabled() and not (self.norm1._forward_hooks or self.norm2._forward_hooks)
+        h = self.conv1(F.silu(self.norm1(x), inplace=reuse))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+            step = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = h.add_(step) if reuse else h + step
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=reuse)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = x + h
+        out = h.add_(x) if reuse else x + h  # same sum: addition is commutative in floating point
         if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
+            out = out.div_(self.output_scale_factor) if reuse else out / self.output_scale_factor
         return out
