@@ -39,11 +39,13 @@ class Upsample2D(nn.Module):
         self._kernel_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _subpixel_kernels(self) -> torch.Tensor:
-        """Phase kernels, cached until the weight is replaced, changed in place, moved or cast; fresh under autograd."""
+        """Phase kernels, cached until the weight is replaced, changed in place, moved or cast.
+
+        Computed fresh under autograd, and for weights made under `inference_mode` (no version counter).
+        """
         w = self.conv.weight
-        if (
-            torch.is_grad_enabled() and w.requires_grad
-        ) or w.is_inference():  # inference tensors have no version
+        fresh = (torch.is_grad_enabled() and w.requires_grad) or w.is_inference()
+        if fresh:
             return subpixel_kernels(w)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._kernel_cache is None or self._kernel_cache[0] != key:
