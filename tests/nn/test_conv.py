@@ -30,7 +30,7 @@ def make(prepack: str = "always", stride: int = 1, seed: int = 0) -> Conv2d:
 
 
 def packed(conv: Conv2d) -> bool:
-    return conv._packed.packed is not None
+    return conv._packed.value is not None
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -133,7 +133,7 @@ def test_packed_convs_give_the_plain_image(tiny_folders):
     kw = dict(num_inference_steps=2, output_type="np")
     packed = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     layers = [m for m in pipe.unet.modules() if isinstance(m, Conv2d)]
-    assert any(m._packed.packed is not None for m in layers)  # "auto": the folder's weights are memory-mapped
+    assert any(m._packed.value is not None for m in layers)  # "auto": the folder's weights are memory-mapped
     pipe.set_conv_prepacking("off")
     plain = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     np.testing.assert_allclose(packed, plain, atol=1e-5)

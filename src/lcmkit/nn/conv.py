@@ -16,7 +16,8 @@ a change made through `.data` bypasses that counter and is not seen, as with any
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -39,18 +40,26 @@ def _capturing() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
-class _PackedWeight:
-    """The packed copy and what it was made from; dropped (not copied) when the module is copied or pickled."""
+class DerivedWeight:
+    """A tensor made from a weight (a packed copy, sub-pixel kernels), cached until the weight is replaced, cast,
+    moved or changed in place (its version counter); dropped, not copied, when the module is copied or pickled."""
 
-    __slots__ = ("source", "key", "packed")
+    __slots__ = ("source", "key", "value")
 
     def __init__(self) -> None:
         self.source: torch.Tensor | None = None
         self.key: tuple | None = None
-        self.packed: torch.Tensor | None = None  # None with a key: this weight stays on the plain path
+        self.value: Any = None
 
-    def __deepcopy__(self, memo: dict) -> _PackedWeight:
-        return _PackedWeight()
+    def get(self, weight: torch.Tensor, make: Callable[[torch.Tensor], Any], *extra: object) -> Any:
+        """`make(weight)`, or the cached result when `weight` (and `extra`) are what it was made from."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, *extra)
+        if self.source is not weight or self.key != key:
+            self.source, self.key, self.value = weight, key, make(weight)
+        return self.value
+
+    def __deepcopy__(self, memo: dict) -> DerivedWeight:
+        return DerivedWeight()
 
     def __getstate__(self) -> dict:
         return {}
@@ -70,23 +79,17 @@ class Conv2d(nn.Conv2d):
     def __init__(self, *args, prepack: Prepack = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.prepack: Prepack = prepack
-        self._packed = _PackedWeight()
+        self._packed = DerivedWeight()  # value None: this weight stays on the plain path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_weight(x) if self._packable(x) else None
+        packed = None
+        if self._packable(x):
+            packed = self._packed.get(self.weight, lambda w: self._pack(w, x), self.prepack)
         if packed is None:
             return super().forward(x)
+        pad, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
         return torch.ops.mkldnn._convolution_pointwise(
-            x,
-            packed,
-            self.bias,
-            list(self.padding),
-            list(self.stride),
-            list(self.dilation),
-            1,
-            "none",
-            [],
-            "",
+            x, packed, self.bias, pad, stride, dilation, 1, "none", [], ""
         )
 
     def _packable(self, x: torch.Tensor) -> bool:
@@ -110,23 +113,13 @@ class Conv2d(nn.Conv2d):
             and _mkldnn_ready()
         )
 
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        w = self.weight
-        cache = self._packed
-        key = (w.data_ptr(), w._version, self.prepack)
-        if cache.source is w and cache.key == key:
-            return cache.packed
+    def _pack(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        pad, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w.detach().to_mkldnn(),
-            list(self.padding),
-            list(self.stride),
-            list(self.dilation),
-            1,
-            list(x.shape),
+            w.detach().to_mkldnn(), pad, stride, dilation, 1, list(x.shape)
         )
         if self.prepack == "auto" and release_weight_pages(self) < w.numel() * w.element_size() // 2:
-            packed = None  # not file-backed: a packed copy would add memory; stay on the plain path
-        cache.source, cache.key, cache.packed = w, key, packed
+            return None  # not file-backed: a packed copy would add memory; stay on the plain path
         return packed
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcmkit.nn.conv import Conv2d
+from lcmkit.nn.conv import Conv2d, DerivedWeight
 from lcmkit.nn.fast_upsample import nearest2x_conv3x3, subpixel_kernels
 
 
@@ -36,7 +36,7 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
         self.subpixel = subpixel
-        self._kernel_cache: tuple[tuple, torch.Tensor] | None = None
+        self._kernels = DerivedWeight()
 
     def _subpixel_kernels(self) -> torch.Tensor:
         """Phase kernels, cached until the weight is replaced, changed in place, moved or cast.
@@ -45,12 +45,7 @@ class Upsample2D(nn.Module):
         """
         w = self.conv.weight
         fresh = (torch.is_grad_enabled() and w.requires_grad) or w.is_inference()
-        if fresh:
-            return subpixel_kernels(w)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, subpixel_kernels(w))
-        return self._kernel_cache[1]
+        return subpixel_kernels(w) if fresh else self._kernels.get(w, subpixel_kernels)
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         doubled = output_size is None or tuple(output_size) == (2 * x.shape[-2], 2 * x.shape[-1])
