@@ -217,10 +217,15 @@ def generate(pipe: Any, size: int, output_type: str = "np") -> Any:
 
 
 class StageTimer:
-    """Times the text encoder and every UNet call (forward hooks) and `vae.decode` (an instance-level wrapper)."""
+    """Times the text encoder and every UNet call (forward hooks) and `vae.decode` (an instance-level wrapper).
 
-    def __init__(self, pipe: Any) -> None:
+    `sync` (e.g. `torch.cuda.synchronize`) is called at every start and stop, so that times on an asynchronous
+    device cover the work itself rather than its queueing.
+    """
+
+    def __init__(self, pipe: Any, sync: Callable[[], None] | None = None) -> None:
         self.pipe = pipe
+        self.sync = sync or (lambda: None)
         self.times: dict[str, list[float]] = {}
         self._starts: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -229,8 +234,10 @@ class StageTimer:
 
     def _timed(self, name: str, fn: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
+            self.sync()
             self.times.setdefault(name, []).append(time.perf_counter() - t0)
             return out
 
@@ -238,12 +245,14 @@ class StageTimer:
 
     def _pre(self, name: str) -> Callable:
         def hook(*_: Any) -> None:
+            self.sync()
             self._starts[name] = time.perf_counter()
 
         return hook
 
     def _post(self, name: str) -> Callable:
         def hook(*_: Any) -> None:
+            self.sync()
             self.times.setdefault(name, []).append(time.perf_counter() - self._starts.pop(name))
 
         return hook
