@@ -179,3 +179,39 @@ def test_save_and_load_round_trip(tmp_path, vae):
     assert loaded.config == vae.config
     z = torch.randn(1, 4, 8, 8)
     assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+
+
+@pytest.mark.parametrize("mode", ["auto", "channels_last", "contiguous"])
+def test_memory_format_modes(vae, mode):
+    """Every layout gives the same encode/decode up to float rounding and plain NCHW outputs; "auto" runs
+    channels-last on the CPU in float32 only (seen by a hook inside the decoder and the encoder)."""
+    seen = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+        for m in (vae.decoder.mid_block, vae.encoder.down_blocks[1])
+    ]
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(2))
+    try:
+        with torch.no_grad():
+            vae.set_memory_format("contiguous")
+            ref = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+            vae.set_memory_format(mode)
+            seen.clear()
+            out = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+            assert seen == [mode == "contiguous"] * 2
+            for a, b in zip(out, ref, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            assert out[0].is_contiguous() and vae.encoder(x).is_contiguous()
+            seen.clear()
+            vae.double().decode(z.double())  # "auto" keeps float64 (and other dtypes, other devices) NCHW
+            assert seen == [mode != "channels_last"]
+    finally:
+        vae.float().set_memory_format("auto")
+        for h in hooks:
+            h.remove()
+
+
+def test_memory_format_rejects_unknown_modes(vae):
+    with pytest.raises(ValueError, match="channels_last"):
+        vae.set_memory_format("nhwc")

@@ -37,6 +37,21 @@ def test_equals_nearest_upsample_then_conv(batch, c_in, c_out, h, w, bias):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("batch, c_in, c_out, h, w", [(1, 8, 6, 5, 7), (2, 16, 12, 8, 8), (1, 3, 5, 1, 1)])
+def test_channels_last_input_stays_channels_last(batch, c_in, c_out, h, w):
+    """A channels-last input gives a channels-last output with the same values (the NHWC interleave)."""
+    torch.manual_seed(c_in * h)
+    conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+    x = torch.randn(batch, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        actual = nearest2x_conv3x3(x, conv.weight, conv.bias)
+        expected = _plain(x.contiguous(), conv)
+    assert actual.shape == (batch, c_out, 2 * h, 2 * w)
+    if h * w > 1:
+        assert actual.is_contiguous(memory_format=torch.channels_last) and not actual.is_contiguous()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
 def test_precomputed_kernels_and_non_contiguous_input():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 4, 3, padding=1)

@@ -1,6 +1,8 @@
 """Parity of lcmkit's `AutoencoderKL` with diffusers' `AutoencoderKL` (the oracle) on the same tiny random weights.
 
-Every comparison uses atol=1e-5, rtol=0 in float32 on the CPU. Models are built by diffusers under
+Every comparison uses atol=3e-5, rtol=0 in float32 on the CPU: lcmkit's VAE runs channels-last there by default
+(`set_memory_format("auto")`), whose convolutions sum in another order than diffusers' NCHW ones (largest
+difference seen: 1.03e-5, a sliced batch decode). Models are built by diffusers under
 `torch.manual_seed(0)`; the GroupNorm affine parameters (initialised to 1/0) are then randomised too, so that a
 norm applied in the wrong place, or with the wrong epsilon, changes the output by far more than the tolerance.
 """
@@ -15,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from lcmkit.config import VAEConfig  # noqa: E402
 from lcmkit.models.vae import AutoencoderKL  # noqa: E402
 
-ATOL = 1e-5
+ATOL = 3e-5
 
 CONFIGS = {
     # (a) the VAE of diffusers' LCM fast pipeline tests

@@ -22,6 +22,7 @@ from torch import nn
 from lcmkit.config import VAEConfig
 from lcmkit.models.base import ModelMixin, SlicingTilingMixin
 from lcmkit.nn import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from lcmkit.nn.layout import MemoryFormat, check_memory_format, wants_channels_last
 from lcmkit.schedulers.randn import randn_like_reference
 
 logger = logging.getLogger(__name__)
@@ -202,13 +203,16 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS)
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if wants_channels_last(self.memory_format, x):
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -235,12 +239,15 @@ class Decoder(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS)
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if wants_channels_last(self.memory_format, z):
+            z = z.contiguous(memory_format=torch.channels_last)
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -319,6 +326,18 @@ class AutoencoderKL(SlicingTilingMixin, ModelMixin):
         for module in self.decoder.modules():
             if isinstance(module, Upsample2D):
                 module.subpixel = False
+
+    def set_memory_format(self, mode: MemoryFormat) -> None:
+        """How the encoder and decoder lay out their feature maps; inputs and outputs stay plain NCHW either way.
+
+        "auto" (the default): channels-last on the CPU in float32, where oneDNN's convolutions run it faster (the SD
+        decoder at 512² 13.5 -> 11.6 s on a 2-core AVX-512 VM; see `lcmkit.nn.layout`), plain NCHW elsewhere.
+        "channels_last" / "contiguous" force one layout everywhere. The same arithmetic, summed in another order:
+        results agree to float rounding (about 1e-5 on the SD decoder's output).
+        """
+        mode = check_memory_format(mode)
+        self.encoder.memory_format = mode
+        self.decoder.memory_format = mode
 
     def blend_v(self, a: torch.Tensor, b: torch.Tensor, blend_extent: int) -> torch.Tensor:
         """Blend the bottom of tile `a` into the top of tile `b` (the tile below it); modifies `b` in place."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lcmkit.nn.layout import is_channels_last
+
 
 class Attention(nn.Module):
     """Scaled dot-product attention over tokens, optionally cross-attending to `context`.
@@ -42,11 +44,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
-        if x.ndim == 4:  # NCHW feature map -> (B, HW, C) tokens
-            x = x.flatten(2).transpose(1, 2)
-        residual = x
-        if self.group_norm is not None:
-            x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        nhwc = is_channels_last(x)
+        if nhwc:  # channels-last feature map: (B, HW, C) tokens are a view of its memory
+            normed = x if self.group_norm is None else self.group_norm(x)
+            residual = x.permute(0, 2, 3, 1).reshape(shape[0], -1, shape[1])
+            x = normed.permute(0, 2, 3, 1).reshape(shape[0], -1, shape[1])
+        else:
+            if x.ndim == 4:  # NCHW feature map -> (B, HW, C) tokens
+                x = x.flatten(2).transpose(1, 2)
+            residual = x
+            if self.group_norm is not None:
+                x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
         context = x if context is None else context
         q, k, v = (
             self._heads(proj(t)) for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
@@ -59,7 +67,9 @@ class Attention(nn.Module):
         out = self.to_out[0](out)
         if self.residual:
             out = out + residual
-        if len(shape) == 4:
+        if nhwc:  # back to a channels-last feature map, a view
+            out = out.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+        elif len(shape) == 4:
             out = out.transpose(1, 2).reshape(shape)
         return out
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lcmkit.nn.layout import is_channels_last
+
 # R_a for a = 0, 1: which of the 3 kernel taps fall on the first and on the second of the 2 input rows (columns).
 _MERGE = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
 
@@ -70,6 +72,15 @@ def nearest2x_conv3x3(
     b, _, h, w = x.shape
     # y[:, phase * C_out + o, r, c] sums the 2x2 window whose top-left is padded pixel (r, c), i.e. input (r-1, c-1)
     y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, None if bias is None else bias.repeat(4))
+    if is_channels_last(x) and is_channels_last(y):
+        # interleave in (B, H, W, C) memory: every copy moves runs of C_out contiguous values (an NCHW interleave
+        # of channels-last data would gather single values and, at 256 ch x 256², cost ~10x as long)
+        y = y.permute(0, 2, 3, 1).view(b, h + 1, w + 1, 2, 2, c_out)
+        out = x.new_empty(b, h, 2, w, 2, c_out)
+        for a in (0, 1):
+            for c in (0, 1):
+                out[:, :, a, :, c] = y[:, a : a + h, c : c + w, a, c]
+        return out.view(b, 2 * h, 2 * w, c_out).permute(0, 3, 1, 2)
     y = y.view(b, 2, 2, c_out, h + 1, w + 1)
     out = x.new_empty(b, c_out, h, 2, w, 2)
     for a in (0, 1):
