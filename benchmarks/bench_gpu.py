@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,38 @@ def img2img(pipes: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+def vae_layouts(pipe: Any, size: int, reps: int) -> dict[str, Any]:
+    """lcmkit's VAE decode with NCHW against channels-last feature maps (`vae.set_memory_format`), same latents."""
+    vae = pipe.vae
+    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(4))
+    z = z.to(DEVICE, vae.dtype) / vae.config.scaling_factor
+    formats = ("contiguous", "channels_last")
+    times: dict[str, list[float]] = {f: [] for f in formats}
+    outs = {}
+    try:
+        with torch.no_grad():
+            for fmt in formats:  # warm-up (cuDNN picks its algorithms per layout)
+                vae.set_memory_format(fmt)
+                outs[fmt] = vae.decode(z).sample.float()
+            for rep in range(reps):
+                for fmt in formats if rep % 2 == 0 else formats[::-1]:
+                    vae.set_memory_format(fmt)
+                    sync()
+                    t0 = time.perf_counter()
+                    vae.decode(z)
+                    sync()
+                    times[fmt].append(time.perf_counter() - t0)
+    finally:
+        vae.set_memory_format("auto")
+    med = {f: statistics.median(t) for f, t in times.items()}
+    return {
+        "contiguous_s": med["contiguous"],
+        "channels_last_s": med["channels_last"],
+        "channels_last_speedup": med["contiguous"] / med["channels_last"],
+        "max_abs_diff": float((outs["contiguous"] - outs["channels_last"]).abs().max()),
+    }
+
+
 def compare(pipes: dict[str, Any], size: int, reps: int) -> dict[str, Any]:
     images: dict[str, np.ndarray] = {}
     runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in pipes}
@@ -174,6 +207,7 @@ def compare(pipes: dict[str, Any], size: int, reps: int) -> dict[str, Any]:
     fast = tiny_pipe(pipes["lcmkit"]).to(DEVICE, pipes["lcmkit"].unet.dtype)
     generate(fast, size)
     result["lcmkit_taesd"] = summarize([timed_run(fast, size)[0] for _ in range(reps)])
+    result["lcmkit_vae_layouts"] = vae_layouts(pipes["lcmkit"], size, reps)
     return result
 
 
@@ -185,7 +219,9 @@ def print_row(dtype: str, size: int, r: dict[str, Any]) -> None:
         f" ({r['speedup_unet_call']:.2f}x)  decode {d['vae_decode_s'] * 1e3:6.1f} / {o['vae_decode_s'] * 1e3:6.1f} ms"
         f" ({r['speedup_vae_decode']:.2f}x)  peak mem {r['peak_gpu_mem_gib']['diffusers']:.2f} /"
         f" {r['peak_gpu_mem_gib']['lcmkit']:.2f} GiB  max|diff| {r['max_abs_diff']:.2e}  nan {r['nan']}"
-        f"  +TAESD {r['lcmkit_taesd']['end_to_end_s'] * 1e3:.1f} ms",
+        f"  +TAESD {r['lcmkit_taesd']['end_to_end_s'] * 1e3:.1f} ms"
+        f"  decode NCHW / channels-last {r['lcmkit_vae_layouts']['contiguous_s'] * 1e3:.1f} /"
+        f" {r['lcmkit_vae_layouts']['channels_last_s'] * 1e3:.1f} ms",
         flush=True,
     )
 

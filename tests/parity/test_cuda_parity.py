@@ -74,6 +74,15 @@ def test_text2img_on_cuda(tiny_folders, name, dtype):
     assert_close(a, b, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_channels_last_vae_on_cuda(tiny_folders, dtype):
+    """lcmkit's VAE forced channels-last on the GPU (on the CPU "auto" does it) still matches diffusers."""
+    ours, ref = load_pair(tiny_folders["sd15"], dtype)
+    ours.vae.set_memory_format("channels_last")
+    a, b = run_both(ours, ref, num_inference_steps=2, guidance_scale=6.0)
+    assert_close(a, b, TOL[dtype])
+
+
 def test_cuda_generator_draws_on_the_gpu(tiny_folders):
     """A CUDA generator draws the noise on the GPU, as diffusers does: same numbers, same image."""
     ours, ref = load_pair(tiny_folders["sd15"], torch.float32)
