@@ -166,3 +166,41 @@ def test_weights_made_under_inference_mode_take_the_plain_path():
         y = conv(x)
         assert not packed(conv)
         assert torch.equal(y, reference(conv, x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_add_into_adds_the_convolution_into_other(channels_last):
+    torch.manual_seed(0)
+    conv = Conv2d(16, 24, 3, padding=1).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 66, 70).contiguous(memory_format=fmt)
+    other = torch.randn(2, 24, 66, 70).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        expected = other + F.conv2d(x, conv.weight, conv.bias, padding=1)
+        got = conv.add_into(x, other)
+    assert got is not None and got.data_ptr() == other.data_ptr()
+    torch.testing.assert_close(other, expected, atol=1e-5, rtol=0)
+
+
+def test_add_into_declines_where_it_does_not_apply():
+    """None, and `other` untouched: small maps, float64, mixed layouts, a view, a size-changing conv, or autograd
+    on."""
+    torch.manual_seed(0)
+    conv = Conv2d(16, 16, 3, padding=1).eval()
+    big = torch.randn(1, 16, 40, 40)
+    cases = [
+        (torch.randn(1, 16, 32, 32), torch.randn(1, 16, 32, 32)),  # <= PACKED_MAX_PIXELS
+        (big, big.contiguous(memory_format=torch.channels_last).clone()),  # layouts differ
+        (big, torch.randn(1, 16, 40, 80)[..., :40]),  # other is a (strided) view
+    ]
+    strided = Conv2d(16, 16, 3, padding=1, stride=2).eval()
+    with torch.no_grad():
+        assert strided.add_into(big, torch.randn(1, 16, 20, 20)) is None  # only same-size convolutions
+    with torch.no_grad():
+        for x, other in cases:
+            before = other.clone()
+            assert conv.add_into(x, other) is None
+            assert torch.equal(other, before)
+        conv64 = Conv2d(16, 16, 3, padding=1).double().eval()
+        assert conv64.add_into(big.double(), big.double().clone()) is None
+    assert conv.add_into(big, big.clone()) is None  # autograd on: the weight requires grad

@@ -297,6 +297,11 @@ class AutoencoderKL(SlicingTilingMixin, ModelMixin):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        for module in (*self.encoder.modules(), *self.decoder.modules()):
+            if isinstance(
+                module, ResnetBlock2D
+            ):  # each block's input is the previous layer's output, read once
+                module.sum_into_input = True
         c = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lcmkit.loading.paging import release_weight_pages
+from lcmkit.nn.layout import is_channels_last
 
 Prepack = Literal["auto", "always", "off"]
 PREPACK_MODES = ("auto", "always", "off")
@@ -90,6 +91,36 @@ class Conv2d(nn.Conv2d):
         pad, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
         return torch.ops.mkldnn._convolution_pointwise(
             x, packed, self.bias, pad, stride, dilation, 1, "none", [], ""
+        )
+
+    def add_into(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
+        """`other += self(x)` in place, as one oneDNN convolution with a sum post-op, and return `other`; or None
+        (nothing done) where that does not apply. For same-size convolutions (`other` has x's batch and pixels) on
+        inputs of more than `PACKED_MAX_PIXELS` pixels, on the CPU in float32 without autograd: there, writing the
+        convolution straight into the residual saves a fresh activation (page faults: ~45 ms for 134 MB) and a pass
+        of the add (128 ch at 512x512: 350 -> 290 ms). Bitwise the same as `other + self(x)` in our tests."""
+        w = self.weight
+        if not (
+            self.padding_mode == "zeros"
+            and isinstance(self.padding, tuple)
+            and x.ndim == 4
+            and x.shape[-2] * x.shape[-1] > PACKED_MAX_PIXELS
+            and other.shape == (x.shape[0], self.out_channels, x.shape[2], x.shape[3])
+            and x.device.type == other.device.type == w.device.type == "cpu"
+            and x.dtype == other.dtype == w.dtype == torch.float32
+            and x.layout == other.layout == torch.strided
+            and is_channels_last(x) == is_channels_last(other)
+            and (x.is_contiguous() or is_channels_last(x))
+            and (other.is_contiguous() or is_channels_last(other))
+            and not other._is_view()
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad or other.requires_grad))
+            and not _capturing()
+            and _mkldnn_ready()
+        ):
+            return None
+        pad, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            other, x, w, self.bias, pad, stride, dilation, self.groups, "add", 1.0, None, [], None
         )
 
     def _packable(self, x: torch.Tensor) -> bool:

@@ -36,6 +36,9 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        # True where the caller never reads the block's input again (the VAE's chains of blocks): without autograd,
+        # conv2 may then write its result straight into the input as the residual sum (`Conv2d.add_into`)
+        self.sum_into_input = False
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         # Without autograd, the SiLUs and the residual add reuse tensors this block just made instead of allocating:
@@ -46,10 +49,29 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None and temb is not None:
             step = self.time_emb_proj(F.silu(temb))[:, :, None, None]
             h = h.add_(step) if reuse else h + step
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=reuse)))
+        h = self.dropout(F.silu(self.norm2(h), inplace=reuse))
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        out = h.add_(x) if reuse else x + h  # same sum: addition is commutative in floating point
+            x = self.conv_shortcut(x)  # a fresh tensor: ours to write into, unless a hook kept it
+            owned = not _hooked(self.conv_shortcut)
+        else:
+            owned = self.sum_into_input and not _hooked(self)
+        fuse = reuse and owned and isinstance(self.conv2, Conv2d) and not _hooked(self.conv2)
+        out = self.conv2.add_into(h, x) if fuse else None  # x + conv2(h), written into x
+        if out is None:
+            h = self.conv2(h)
+            out = h.add_(x) if reuse else x + h  # same sum: addition is commutative in floating point
         if self.output_scale_factor != 1.0:
             out = out.div_(self.output_scale_factor) if reuse else out / self.output_scale_factor
         return out
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Forward hooks that could see (or expect to see) this module's input or output: its own or global ones."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_forward_hooks
+    )
