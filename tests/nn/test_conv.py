@@ -204,3 +204,6 @@ def test_add_into_declines_where_it_does_not_apply():
         conv64 = Conv2d(16, 16, 3, padding=1).double().eval()
         assert conv64.add_into(big.double(), big.double().clone()) is None
     assert conv.add_into(big, big.clone()) is None  # autograd on: the weight requires grad
+    conv.prepack = "off"  # plain F.conv2d only
+    with torch.no_grad():
+        assert conv.add_into(big, big.clone()) is None

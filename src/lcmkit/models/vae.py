@@ -297,10 +297,9 @@ class AutoencoderKL(SlicingTilingMixin, ModelMixin):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        # each resnet block's input is the previous layer's output, read by that block alone
         for module in (*self.encoder.modules(), *self.decoder.modules()):
-            if isinstance(
-                module, ResnetBlock2D
-            ):  # each block's input is the previous layer's output, read once
+            if isinstance(module, ResnetBlock2D):
                 module.sum_into_input = True
         c = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None

@@ -9,7 +9,8 @@ agree to float rounding, about 1e-6 relative).
 The packed copy is extra memory, so by default (`prepack = "auto"`) a weight is packed only when its own pages are
 file-backed (a memory-mapped safetensors file): right after packing, those pages are handed back to the OS
 (`lcmkit.loading.paging`), so the layer costs no memory. In-memory weights (a fused LoRA, a converted single-file
-checkpoint, anything cast or trained) keep the plain path unless `prepack = "always"`; `"off"` never packs.
+checkpoint, anything cast or trained) keep the plain path unless `prepack = "always"`; `"off"` never packs (and
+turns off `add_into`, a convolution summed straight into a residual).
 The packed copy is remade when the weight is replaced, cast or moved, or changed in place (its version counter);
 a change made through `.data` bypasses that counter and is not seen, as with any cached derived tensor.
 """
@@ -98,10 +99,12 @@ class Conv2d(nn.Conv2d):
         (nothing done) where that does not apply. For same-size convolutions (`other` has x's batch and pixels) on
         inputs of more than `PACKED_MAX_PIXELS` pixels, on the CPU in float32 without autograd: there, writing the
         convolution straight into the residual saves a fresh activation (page faults: ~45 ms for 134 MB) and a pass
-        of the add (128 ch at 512x512: 350 -> 290 ms). Bitwise the same as `other + self(x)` in our tests."""
+        of the add (128 ch at 512x512: 350 -> 290 ms). Bitwise the same as `other + self(x)` in our tests.
+        `prepack = "off"` turns this off too (plain `F.conv2d` only)."""
         w = self.weight
         if not (
-            self.padding_mode == "zeros"
+            self.prepack != "off"
+            and self.padding_mode == "zeros"
             and isinstance(self.padding, tuple)
             and x.ndim == 4
             and x.shape[-2] * x.shape[-1] > PACKED_MAX_PIXELS

@@ -229,7 +229,8 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
 
         "auto" (the default): pack memory-mapped weights, whose file pages are released in exchange, so packing
         costs no memory; "always": pack in-memory weights too (fused LoRA, converted checkpoints), a copy of each;
-        "off": the plain `F.conv2d` path everywhere.
+        "off": the plain `F.conv2d` path everywhere (also no convolution summed straight into a residual,
+        `Conv2d.add_into`).
         """
         for model in (self.unet, self.vae):
             if isinstance(model, torch.nn.Module):
