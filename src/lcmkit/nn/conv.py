@@ -101,35 +101,42 @@ class Conv2d(nn.Conv2d):
         convolution straight into the residual saves a fresh activation (page faults: ~45 ms for 134 MB) and a pass
         of the add (128 ch at 512x512: 350 -> 290 ms). Bitwise the same as `other + self(x)` in our tests.
         `prepack = "off"` turns this off too (plain `F.conv2d` only)."""
-        w = self.weight
         if not (
-            self.prepack != "off"
+            self._onednn_inference(x, other)
             and self.padding_mode == "zeros"
             and isinstance(self.padding, tuple)
             and x.ndim == 4
             and x.shape[-2] * x.shape[-1] > PACKED_MAX_PIXELS
             and other.shape == (x.shape[0], self.out_channels, x.shape[2], x.shape[3])
-            and x.device.type == other.device.type == w.device.type == "cpu"
-            and x.dtype == other.dtype == w.dtype == torch.float32
-            and x.layout == other.layout == torch.strided
             and is_channels_last(x) == is_channels_last(other)
             and (x.is_contiguous() or is_channels_last(x))
             and (other.is_contiguous() or is_channels_last(other))
             and not other._is_view()
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad or other.requires_grad))
-            and not _capturing()
-            and _mkldnn_ready()
         ):
             return None
         pad, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            other, x, w, self.bias, pad, stride, dilation, self.groups, "add", 1.0, None, [], None
+            other, x, self.weight, self.bias, pad, stride, dilation, self.groups, "add", 1.0, None, [], None
+        )
+
+    def _onednn_inference(self, *tensors: torch.Tensor) -> bool:
+        """What both oneDNN paths need: not "off", CPU float32 strided tensors (the weight and `tensors`), nothing
+        that autograd must see, no graph capture, oneDNN on."""
+        every = (self.weight, *tensors)
+        return (
+            self.prepack != "off"
+            and all(
+                t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
+                for t in every
+            )
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in every))
+            and not _capturing()
+            and _mkldnn_ready()
         )
 
     def _packable(self, x: torch.Tensor) -> bool:
-        w = self.weight
         return (
-            self.prepack != "off"
+            self._onednn_inference(x)
             and self.kernel_size == (3, 3)
             and self.groups == 1
             and self.padding_mode == "zeros"
@@ -137,14 +144,8 @@ class Conv2d(nn.Conv2d):
             and min(self.in_channels, self.out_channels) >= 16
             and x.ndim == 4
             and x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS
-            and x.device.type == "cpu"
-            and w.device.type == "cpu"
-            and x.dtype == w.dtype == torch.float32
-            and x.layout == torch.strided
-            and not w.is_inference()  # made under inference_mode: no version counter to notice in-place edits
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and not _capturing()
-            and _mkldnn_ready()
+            # made under inference_mode: no version counter to notice in-place edits
+            and not self.weight.is_inference()
         )
 
     def _pack(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
