@@ -22,7 +22,7 @@ from torch import nn
 from lcmkit.config import VAEConfig
 from lcmkit.models.base import ModelMixin, SlicingTilingMixin
 from lcmkit.nn import Attention, Downsample2D, ResnetBlock2D, Upsample2D
-from lcmkit.nn.layout import MemoryFormat, check_memory_format, wants_channels_last
+from lcmkit.nn.layout import MemoryFormat, check_memory_format, to_layout
 from lcmkit.schedulers.randn import randn_like_reference
 
 logger = logging.getLogger(__name__)
@@ -206,9 +206,7 @@ class Encoder(nn.Module):
         self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if wants_channels_last(self.memory_format, x):
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.conv_in(x)
+        x = self.conv_in(to_layout(self.memory_format, x))
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
@@ -242,9 +240,7 @@ class Decoder(nn.Module):
         self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if wants_channels_last(self.memory_format, z):
-            z = z.contiguous(memory_format=torch.channels_last)
-        x = self.mid_block(self.conv_in(z))
+        x = self.mid_block(self.conv_in(to_layout(self.memory_format, z)))
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()

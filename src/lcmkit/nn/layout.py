@@ -33,3 +33,8 @@ def wants_channels_last(mode: MemoryFormat, x: torch.Tensor) -> bool:
     if mode == "auto":
         return x.device.type == "cpu" and x.dtype == torch.float32
     return mode == "channels_last"
+
+
+def to_layout(mode: MemoryFormat, x: torch.Tensor) -> torch.Tensor:
+    """`x` stored channels-last where `mode` wants it (`wants_channels_last`), else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if wants_channels_last(mode, x) else x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from lcmkit.nn.conv import Conv2d
 
@@ -67,8 +68,6 @@ class ResnetBlock2D(nn.Module):
 
 def _hooked(module: nn.Module) -> bool:
     """Forward hooks that could see (or expect to see) this module's input or output: its own or global ones."""
-    from torch.nn.modules import module as torch_module
-
     return bool(
         module._forward_pre_hooks
         or module._forward_hooks
