@@ -11,6 +11,7 @@ import torch
 
 from lcmkit.config import VAEConfig
 from lcmkit.models.vae import AutoencoderKL, DiagonalGaussianDistribution, _blend
+from lcmkit.nn.conv import set_conv_winograd, winograd_available
 
 TINY = VAEConfig(block_out_channels=(4, 8), latent_channels=4, norm_num_groups=2, sample_size=32)
 
@@ -188,7 +189,14 @@ def test_memory_format_modes(vae, mode):
     seen = []
     hooks = [
         m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
-        for m in (vae.decoder.mid_block, vae.encoder.down_blocks[1])
+        for m in (
+            vae.decoder.mid_block,
+            vae.decoder.mid_block.resnets[
+                1
+            ],  # after the attention, which returns the map in its input's layout
+            vae.decoder.up_blocks[-1],
+            vae.encoder.down_blocks[1],
+        )
     ]
     x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
     z = torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(2))
@@ -199,13 +207,13 @@ def test_memory_format_modes(vae, mode):
             vae.set_memory_format(mode)
             seen.clear()
             out = vae.decode(z).sample, vae.encode(x).latent_dist.mean
-            assert seen == [mode == "contiguous"] * 2
+            assert seen == [mode == "contiguous"] * 4
             for a, b in zip(out, ref, strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
             assert out[0].is_contiguous() and vae.encoder(x).is_contiguous()
             seen.clear()
             vae.double().decode(z.double())  # "auto" keeps float64 (and other dtypes, other devices) NCHW
-            assert seen == [mode != "channels_last"]
+            assert seen == [mode != "channels_last"] * 3
     finally:
         vae.float().set_memory_format("auto")
         for h in hooks:
@@ -215,3 +223,52 @@ def test_memory_format_modes(vae, mode):
 def test_memory_format_rejects_unknown_modes(vae):
     with pytest.raises(ValueError, match="channels_last"):
         vae.set_memory_format("nhwc")
+
+
+@pytest.mark.skipif(not winograd_available(), reason="NNPACK is not usable on this CPU/build")
+def test_levels_taking_winograd_run_nchw_and_the_rest_channels_last():
+    """ "auto" layout with the Winograd path on one level only: that level's resnets (and the upsampler feeding it,
+    converted before upsampling) see plain NCHW maps, every other level channels-last; images as with no Winograd
+    up to its rounding; outputs plain NCHW. In the encoder the level is converted after the downsampler."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        VAEConfig(block_out_channels=(4, 8, 8), latent_channels=4, norm_num_groups=2, sample_size=32)
+    ).eval()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        plain = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+    seen: dict[str, bool] = {}
+
+    def watch(name: str, module: torch.nn.Module) -> None:
+        module.register_forward_pre_hook(lambda _m, args: seen.__setitem__(name, args[0].is_contiguous()))
+
+    dec, enc = vae.decoder, vae.encoder
+    for i, block in enumerate(dec.up_blocks):
+        watch(f"up{i}", block.resnets[0])
+        if block.upsamplers is not None:
+            watch(f"up{i}.upsampler", block.upsamplers[0])
+    for i, block in enumerate(enc.down_blocks):
+        watch(f"down{i}", block.resnets[0])
+    set_conv_winograd(dec.up_blocks[1], "always")
+    set_conv_winograd(enc.down_blocks[1], "always")
+    with torch.no_grad():
+        out = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+    assert seen == {
+        "up0": False,
+        "up0.upsampler": True,  # converted for level 1 before upsampling
+        "up1": True,
+        "up1.upsampler": False,  # back to channels-last for level 2
+        "up2": False,
+        "down0": False,
+        "down1": True,
+        "down2": False,
+    }
+    for a, b in zip(out, plain, strict=True):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    vae.set_memory_format("channels_last")  # forced channels-last: no Winograd anywhere
+    seen.clear()
+    with torch.no_grad():
+        vae.decode(z), vae.encode(x)
+    assert len(seen) == 8 and not any(seen.values())

@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lcmkit import LatentConsistencyModelPipeline
-from lcmkit.nn.conv import PACKED_MAX_PIXELS, Conv2d, set_conv_prepacking
+from lcmkit.nn import ResnetBlock2D
+from lcmkit.nn.conv import (
+    PACKED_MAX_PIXELS,
+    WINOGRAD_MIN_CHANNELS,
+    WINOGRAD_MIN_PIXELS,
+    Conv2d,
+    set_conv_prepacking,
+    set_conv_winograd,
+    winograd_available,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN (mkldnn)"
@@ -207,3 +216,128 @@ def test_add_into_declines_where_it_does_not_apply():
     conv.prepack = "off"  # plain F.conv2d only
     with torch.no_grad():
         assert conv.add_into(big, big.clone()) is None
+
+
+# -- Winograd path (NNPACK) ------------------------------------------------------------------------------------------
+
+needs_winograd = pytest.mark.skipif(not winograd_available(), reason="NNPACK is not usable on this CPU/build")
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    """Count calls of the NNPACK convolution (and still run it)."""
+    calls = []
+    real = torch._nnpack_spatial_convolution
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", spy)
+    return calls
+
+
+def _relative_error(got: torch.Tensor, conv: torch.nn.Conv2d, x: torch.Tensor) -> float:
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    return ((got.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@needs_winograd
+@pytest.mark.parametrize("batch", [1, 3])
+def test_winograd_matches_the_convolution(nnpack_calls, batch):
+    """One NNPACK call per sample; within float rounding of a float64 convolution (Winograd rounds more than a
+    direct convolution: ~1e-5 of the output's scale at SD sizes)."""
+    torch.manual_seed(0)
+    conv = Conv2d(24, 40, 3, padding=1, winograd="always").eval()
+    x = torch.randn(batch, 24, 21, 30)
+    with torch.no_grad():
+        y = conv(x)
+    assert nnpack_calls == [(1, 24, 21, 30)] * batch
+    assert y.shape == (batch, 40, 21, 30) and y.is_contiguous()
+    assert _relative_error(y, conv, x) < 2e-5
+    for i in range(batch):  # each sample is its own call's result, in its own place
+        with torch.no_grad():
+            torch.testing.assert_close(y[i : i + 1], conv(x[i : i + 1]), atol=0, rtol=0)
+
+
+@needs_winograd
+def test_winograd_auto_takes_large_maps_with_many_channels(nnpack_calls):
+    torch.manual_seed(0)
+    conv = Conv2d(WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS, 3, padding=1).eval()
+    side = int(WINOGRAD_MIN_PIXELS**0.5)
+    big = torch.randn(1, WINOGRAD_MIN_CHANNELS, side, side)
+    small = torch.randn(1, WINOGRAD_MIN_CHANNELS, side, side - 1)
+    assert conv.winograd == "auto"
+    assert conv.takes_winograd(big.shape, big.dtype, big.device)
+    assert not conv.takes_winograd(small.shape, small.dtype, small.device)
+    with torch.no_grad():
+        y = conv(big)
+        conv(small)
+        assert conv.add_into(big, torch.randn_like(y)) is None  # the Winograd conv beats the fused direct one
+    assert nnpack_calls == [tuple(big.shape)]
+    assert _relative_error(y, conv, big) < 2e-5
+    few = Conv2d(WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS - 1, 3, padding=1)
+    assert not few.takes_winograd(big.shape, big.dtype, big.device)
+
+
+@needs_winograd
+def test_winograd_declines_where_it_does_not_apply(nnpack_calls):
+    """Plain path (and exactly F.conv2d's result) for: "off", channels-last or strided input, other strides,
+    paddings, dilations, groups or kernel sizes, float64, autograd, and NNPACK turned off in torch.backends."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 12, 12)
+    layers = [
+        Conv2d(16, 16, 3, padding=1, winograd="off"),
+        Conv2d(16, 16, 3, padding=1, stride=2, winograd="always"),
+        Conv2d(16, 16, 3, padding=0, winograd="always"),
+        Conv2d(16, 16, 3, padding=2, dilation=2, winograd="always"),
+        Conv2d(16, 16, 3, padding=1, groups=2, winograd="always"),
+        Conv2d(16, 16, 1, winograd="always"),
+        Conv2d(16, 16, 3, padding=1, padding_mode="reflect", winograd="always"),
+    ]
+    conv = Conv2d(16, 16, 3, padding=1, winograd="always").eval()
+    with torch.no_grad():
+        for layer in layers:
+            assert torch.equal(layer(x), torch.nn.Conv2d.forward(layer, x))
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(conv(nhwc), reference(conv, nhwc))
+        wide = torch.randn(1, 16, 12, 24)[..., ::2]  # a strided view
+        assert torch.equal(conv(wide), reference(conv, wide))
+        conv64 = Conv2d(16, 16, 3, padding=1, winograd="always").double().eval()
+        assert torch.equal(conv64(x.double()), reference(conv64, x.double()))
+        with torch.backends.nnpack.flags(enabled=False):
+            assert not conv.takes_winograd(x.shape, x.dtype, x.device)
+            assert torch.equal(conv(x), reference(conv, x))
+    y = conv(x)  # autograd on: the weight requires grad
+    assert y.requires_grad
+    with torch.no_grad():
+        traced = torch.jit.trace(conv, x, check_trace=False)  # graphs get the plain convolution
+        assert torch.equal(traced(x), reference(conv, x))
+    assert nnpack_calls == []
+
+
+def test_set_conv_winograd_reaches_every_layer_and_rejects_unknown_modes():
+    model = torch.nn.Sequential(make(), torch.nn.SiLU(), make())
+    assert set_conv_winograd(model, "off") == 2
+    assert all(layer.winograd == "off" for layer in model if isinstance(layer, Conv2d))
+    with pytest.raises(ValueError, match="'fast' is not one of"):
+        set_conv_winograd(model, "fast")
+
+
+@needs_winograd
+def test_pipeline_winograd_switch(tiny_folders, nnpack_calls):
+    """`pipe.set_conv_winograd("always")` reaches the UNet and the VAE; the image stays within the pipelines'
+    1e-4 of the direct convolutions'."""
+    pipe = LatentConsistencyModelPipeline.from_pretrained(tiny_folders["sd15"])
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np")
+    pipe.set_conv_winograd("off")
+    direct = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert nnpack_calls == []
+    pipe.set_conv_winograd("always")
+    winograd = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    unet_resnets = sum(isinstance(m, ResnetBlock2D) for m in pipe.unet.modules())
+    assert len(nnpack_calls) >= 2 * 2 * unet_resnets  # two UNet calls, at least both resnet convs in each
+    np.testing.assert_allclose(winograd, direct, atol=1e-4)
+    with pytest.raises(ValueError, match="not one of"):
+        pipe.set_conv_winograd("fast")

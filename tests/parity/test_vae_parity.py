@@ -16,6 +16,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from lcmkit.config import VAEConfig  # noqa: E402
 from lcmkit.models.vae import AutoencoderKL  # noqa: E402
+from lcmkit.nn import ResnetBlock2D  # noqa: E402
+from lcmkit.nn.conv import set_conv_winograd, winograd_available  # noqa: E402
 
 ATOL = 3e-5
 
@@ -129,6 +131,28 @@ def test_forward_matches(lcm_pair):
     out_ref = ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(7)).sample
     out_ours = ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(7)).sample
     _close(out_ours, out_ref)
+
+
+@pytest.mark.skipif(not winograd_available(), reason="NNPACK is not usable on this CPU/build")
+@torch.no_grad()
+def test_winograd_convolutions_match(pair, monkeypatch):
+    """With every eligible 3x3 conv on the Winograd path (at SD sizes only large maps take it), encode and decode
+    (a batch of 2: one NNPACK call per sample) still match diffusers, at the pipelines' 1e-4."""
+    ref, ours = pair
+    calls = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or real(*a))
+    x = torch.rand(2, 3, 32, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3))
+    set_conv_winograd(ours, "always")
+    try:
+        mean, image = ours.encode(x).latent_dist.mean, ours.decode(z).sample
+    finally:
+        set_conv_winograd(ours, "auto")
+    resnets = sum(isinstance(m, ResnetBlock2D) for m in ours.modules())
+    assert len(calls) == 2 * 2 * resnets  # both convs of every resnet, once per sample
+    torch.testing.assert_close(mean, ref.encode(x).latent_dist.mean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(image, ref.decode(z).sample, atol=1e-4, rtol=0)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from lcmkit.config import VAEConfig
 from lcmkit.models.base import ModelMixin, SlicingTilingMixin
 from lcmkit.nn import Attention, Downsample2D, ResnetBlock2D, Upsample2D
-from lcmkit.nn.layout import MemoryFormat, check_memory_format, to_layout
+from lcmkit.nn.layout import MemoryFormat, check_memory_format, level_layout
 from lcmkit.schedulers.randn import randn_like_reference
 
 logger = logging.getLogger(__name__)
@@ -142,10 +143,16 @@ class UpDecoderBlock(nn.Module):
         # sub-pixel form: the same function as nearest 2x + conv up to float rounding, 16 instead of 36 MACs
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, subpixel=True)]) if upsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, before_upsampling: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`before_upsampling` (the decoder's layout change for the next level) is applied to the map the
+        upsampler gets, four times smaller than its output."""
         for resnet in self.resnets:
             x = resnet(x)
         if self.upsamplers is not None:
+            if before_upsampling is not None:
+                x = before_upsampling(x)
             x = self.upsamplers[0](x)
         return x
 
@@ -206,10 +213,13 @@ class Encoder(nn.Module):
         self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(to_layout(self.memory_format, x))
+        mode = self.memory_format
+        x = self.conv_in(level_layout(mode, x, self.down_blocks[0].resnets[0].conv1))
         for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
+            # the layout each level's convolutions run fastest in (lcmkit.nn.layout); changed after a downsampler,
+            # where the map is four times smaller than before it
+            x = block(level_layout(mode, x, block.resnets[0].conv1))
+        x = self.mid_block(level_layout(mode, x, self.mid_block.resnets[0].conv1))
         return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
 
 
@@ -240,9 +250,17 @@ class Decoder(nn.Module):
         self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(to_layout(self.memory_format, z)))
-        for block in self.up_blocks:
-            x = block(x)
+        mode = self.memory_format
+        x = self.mid_block(self.conv_in(level_layout(mode, z, self.mid_block.resnets[0].conv1)))
+        for i, block in enumerate(self.up_blocks):
+            # each level in the layout its convolutions run fastest in (lcmkit.nn.layout); where the next level's
+            # differs, the change is made before the upsampler, on the smaller map
+            x = level_layout(mode, x, block.resnets[0].conv1)
+            after = self.up_blocks[i + 1] if i + 1 < len(self.up_blocks) else None
+            relayout = (
+                None if after is None else partial(level_layout, mode, conv=after.resnets[0].conv1, scale=2)
+            )
+            x = block(x, relayout)
         return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
 
 

@@ -65,12 +65,17 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * self.dim_head)
         out = self.to_out[0](out)
+        if len(shape) == 4 and not nhwc:
+            # back to a plain NCHW map (the transposed view alone would be channels-last in memory, and the next
+            # layers would run in that layout); the residual is added in the same pass
+            view = out.transpose(1, 2).reshape(shape)
+            if not self.residual:
+                return view.contiguous()
+            return torch.add(residual.transpose(1, 2).reshape(shape), view, out=out.new_empty(shape))
         if self.residual:
             out = out + residual
         if nhwc:  # back to a channels-last feature map, a view
             out = out.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
-        elif len(shape) == 4:
-            out = out.transpose(1, 2).reshape(shape)
         return out
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,17 @@ checkpoint, anything cast or trained) keep the plain path unless `prepack = "alw
 turns off `add_into`, a convolution summed straight into a residual).
 The packed copy is remade when the weight is replaced, cast or moved, or changed in place (its version counter);
 a change made through `.data` bypasses that counter and is not seen, as with any cached derived tensor.
+
+Large 3x3 convolutions on plain NCHW maps take a Winograd path instead (`winograd = "auto"`): NNPACK's F(6x6, 3x3)
+transform, built into PyTorch's CPU wheels (`torch._nnpack_spatial_convolution`), does about a fifth of the
+multiplies of a direct convolution. Measured on a 2-core AVX-512 VM against oneDNN (ms, NNPACK / oneDNN NCHW /
+oneDNN channels-last): 512 ch at 128x128 248 / 388 / 371, at 96x96 136 / 216 / 219, 256 ch at 256x256 288 / 422 /
+323, 320 ch at 128x128 106 / 151 / 122, 640 -> 320 at 96x96 115 / 148 / 142; it loses where the weight is large
+next to the map (512 ch at 64x64 88 / 81, 1280 ch at 16x16 224 / 127) and at 128 channels (128 at 512x512 405 /
+490 / 342). Hence `WINOGRAD_MIN_PIXELS` and `WINOGRAD_MIN_CHANNELS`. Its rounding differs from a direct
+convolution's: about 1e-5 relative to the output's scale (7e-5 on outputs of magnitude 7), against 3e-7 for oneDNN;
+the SD decoder's image moves by about 1e-5. NNPACK needs plain NCHW input, which is why the VAE runs those levels
+NCHW (`lcmkit.nn.layout`), and runs one sample at a time (its batched routine measured 4x slower).
 """
 
 from __future__ import annotations
@@ -28,6 +39,11 @@ from lcmkit.nn.layout import is_channels_last
 
 Prepack = Literal["auto", "always", "off"]
 PREPACK_MODES = ("auto", "always", "off")
+Winograd = Literal["auto", "always", "off"]
+WINOGRAD_MODES = ("auto", "always", "off")
+# The Winograd path ("auto") where it measured faster than oneDNN in either layout (see the module docstring)
+WINOGRAD_MIN_PIXELS = 96 * 96
+WINOGRAD_MIN_CHANNELS = 256
 # Packing pays where the weight is large next to the activations (the UNet's 32x32 and smaller levels); at 64x64 and
 # above it measured the same or slower than the plain path (e.g. 512 channels at 128x128: 612 against 518 ms).
 PACKED_MAX_PIXELS = 32 * 32
@@ -37,7 +53,13 @@ def _mkldnn_ready() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
-def _capturing() -> bool:
+def winograd_available() -> bool:
+    """NNPACK built in, initialised on this CPU (x86-64 with AVX2, or ARM with NEON) and not turned off through
+    `torch.backends.nnpack`."""
+    return torch.backends.nnpack.is_available() and torch._C._get_nnpack_enabled()
+
+
+def capturing_graph() -> bool:
     """Traced, scripted, compiled or exported: graphs (OpenVINO, ONNX, inductor) get the plain convolution."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
@@ -74,16 +96,21 @@ class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters, same state-dict keys) with oneDNN weight pre-packing for inference.
 
     Packing applies to 3x3, ungrouped, zero-padded convolutions with at least 16 input and output channels on inputs
-    of at most `PACKED_MAX_PIXELS` pixels, run on CPU in float32 with autograd off (or with nothing requiring grad);
-    every other call is `nn.Conv2d`'s.
+    of at most `PACKED_MAX_PIXELS` pixels, run on CPU in float32 with autograd off (or with nothing requiring grad).
+    The Winograd path (`winograd`: "auto" by size, "always" at any size, "off") applies to 3x3, stride-1, padding-1,
+    ungrouped, zero-padded convolutions on plain NCHW inputs under the same CPU/float32/no-autograd conditions; every
+    other call is `nn.Conv2d`'s.
     """
 
-    def __init__(self, *args, prepack: Prepack = "auto", **kwargs) -> None:
+    def __init__(self, *args, prepack: Prepack = "auto", winograd: Winograd = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.prepack: Prepack = prepack
+        self.winograd: Winograd = winograd
         self._packed = DerivedWeight()  # value None: this weight stays on the plain path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._winograd_applies(x):
+            return self._winograd(x)
         packed = None
         if self._packable(x):
             packed = self._packed.get(self.weight, lambda w: self._pack(w, x), self.prepack)
@@ -101,6 +128,8 @@ class Conv2d(nn.Conv2d):
         convolution straight into the residual saves a fresh activation (page faults: ~45 ms for 134 MB) and a pass
         of the add (128 ch at 512x512: 350 -> 290 ms). Bitwise the same as `other + self(x)` in our tests.
         `prepack = "off"` turns this off too (plain `F.conv2d` only)."""
+        if self._winograd_applies(x):
+            return None  # the Winograd convolution is faster than this fused direct one
         if not (
             self._onednn_inference(x, other)
             and self.padding_mode == "zeros"
@@ -119,20 +148,68 @@ class Conv2d(nn.Conv2d):
             other, x, self.weight, self.bias, pad, stride, dilation, self.groups, "add", 1.0, None, [], None
         )
 
-    def _onednn_inference(self, *tensors: torch.Tensor) -> bool:
-        """What both oneDNN paths need: not "off", CPU float32 strided tensors (the weight and `tensors`), nothing
-        that autograd must see, no graph capture, oneDNN on."""
+    def takes_winograd(
+        self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
+    ) -> bool:
+        """Whether a plain NCHW input of this shape, dtype and device would take the Winograd path (autograd
+        aside): what a network asks when it picks the layout of a level (`lcmkit.nn.layout`). Never while a graph
+        is captured (traced, scripted, compiled, exported): graphs get the plain convolution."""
+        if self.winograd == "off" or capturing_graph() or len(shape) != 4 or not self._winograd_shape():
+            return False
+        cpu_float32 = device.type == "cpu" and dtype == torch.float32
+        if not (cpu_float32 and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32):
+            return False
+        if shape[2] * shape[3] == 0 or not winograd_available():
+            return False
+        return self.winograd == "always" or (
+            shape[2] * shape[3] >= WINOGRAD_MIN_PIXELS
+            and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+        )
+
+    def _winograd_shape(self) -> bool:
+        return (
+            self.kernel_size == (3, 3)
+            and self.stride == (1, 1)
+            and self.padding == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+        )
+
+    def _winograd_applies(self, x: torch.Tensor) -> bool:
+        return (
+            x.ndim == 4
+            and x.is_contiguous()
+            and self.takes_winograd(x.shape, x.dtype, x.device)
+            and self._cpu_float32_inference(x)
+        )
+
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
+        """NNPACK's Winograd convolution, one sample at a time (its batched routine is tuned for training)."""
+        if x.shape[0] == 1:
+            return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1], [1, 1])
+        out = x.new_empty(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
+        for i in range(x.shape[0]):
+            out[i : i + 1] = torch._nnpack_spatial_convolution(
+                x[i : i + 1], self.weight, self.bias, [1, 1], [1, 1]
+            )
+        return out
+
+    def _cpu_float32_inference(self, *tensors: torch.Tensor) -> bool:
+        """CPU float32 strided tensors (the weight and `tensors`), nothing that autograd must see, no graph capture."""
         every = (self.weight, *tensors)
         return (
-            self.prepack != "off"
-            and all(
+            all(
                 t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
                 for t in every
             )
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in every))
-            and not _capturing()
-            and _mkldnn_ready()
+            and not capturing_graph()
         )
+
+    def _onednn_inference(self, *tensors: torch.Tensor) -> bool:
+        """What both oneDNN paths need: not "off", CPU float32 inference (`_cpu_float32_inference`), oneDNN on."""
+        return self.prepack != "off" and self._cpu_float32_inference(*tensors) and _mkldnn_ready()
 
     def _packable(self, x: torch.Tensor) -> bool:
         return (
@@ -158,13 +235,22 @@ class Conv2d(nn.Conv2d):
         return packed
 
 
+def set_conv_winograd(module: nn.Module, mode: Winograd) -> int:
+    """Set `winograd` on every lcmkit `Conv2d` inside `module`; returns how many there are."""
+    return _set_on_convs(module, "winograd", mode, WINOGRAD_MODES)
+
+
 def set_conv_prepacking(module: nn.Module, mode: Prepack) -> int:
     """Set `prepack` on every lcmkit `Conv2d` inside `module`; returns how many there are."""
-    if mode not in PREPACK_MODES:
-        raise ValueError(f"conv prepacking mode {mode!r} is not one of {PREPACK_MODES}")
+    return _set_on_convs(module, "prepack", mode, PREPACK_MODES)
+
+
+def _set_on_convs(module: nn.Module, attribute: str, mode: str, modes: tuple[str, ...]) -> int:
+    if mode not in modes:
+        raise ValueError(f"conv {attribute} mode {mode!r} is not one of {modes}")
     count = 0
     for layer in module.modules():
         if isinstance(layer, Conv2d):
-            layer.prepack = mode
+            setattr(layer, attribute, mode)
             count += 1
     return count

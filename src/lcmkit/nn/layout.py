@@ -5,6 +5,11 @@ AVX-512 VM, fp32, plain weights: 128 ch at 512x512 496 -> 362 ms, 256 ch at 256x
 to 128x128 equal), because NCHW input is reordered to its blocked layout and back on every call. The layers
 that see such maps (GroupNorm, SiLU, the residual adds, the sub-pixel upsampler, the VAE's spatial attention) keep
 the layout, so a whole decoder runs channels-last once its input is.
+
+Levels whose 3x3 convolutions take the Winograd path (`lcmkit.nn.conv`, large maps with many channels) run plain
+NCHW instead, since that path needs it and beats oneDNN in either layout there: `level_layout` picks a level's
+layout from its first convolution, and a network converts between levels where the choice changes (before an
+upsampler rather than after it, where the map is four times smaller).
 """
 
 from __future__ import annotations
@@ -38,3 +43,16 @@ def wants_channels_last(mode: MemoryFormat, x: torch.Tensor) -> bool:
 def to_layout(mode: MemoryFormat, x: torch.Tensor) -> torch.Tensor:
     """`x` stored channels-last where `mode` wants it (`wants_channels_last`), else as it is."""
     return x.contiguous(memory_format=torch.channels_last) if wants_channels_last(mode, x) else x
+
+
+def level_layout(mode: MemoryFormat, x: torch.Tensor, conv: torch.nn.Module, scale: int = 1) -> torch.Tensor:
+    """`x` laid out for the level whose first convolution is `conv`, where maps are `scale` times x's height and
+    width (2: x is about to be upsampled into that level): plain NCHW where `conv` takes the Winograd path on such a
+    map (`lcmkit.nn.conv.Conv2d.takes_winograd`), else as `to_layout` has it. Mode "channels_last" forces
+    channels-last everywhere (no Winograd then); "contiguous" leaves x as it is."""
+    takes_winograd = getattr(conv, "takes_winograd", None)  # lcmkit's Conv2d; a plain nn.Conv2d has none
+    if mode != "channels_last" and takes_winograd is not None and x.ndim == 4:
+        shape = (x.shape[0], conv.in_channels, x.shape[-2] * scale, x.shape[-1] * scale)
+        if takes_winograd(shape, x.dtype, x.device):
+            return x.contiguous()
+    return to_layout(mode, x)
