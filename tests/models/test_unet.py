@@ -209,3 +209,34 @@ def test_apply_freeu_stages_and_no_mutation():
     h2, s2 = apply_freeu(2, h, skip, s1=0.5, s2=0.2, b1=2.0, b2=3.0)
     assert h2 is h and s2 is skip
     assert torch.equal(h, h_copy) and torch.equal(skip, skip_copy)
+
+
+def test_subpixel_upsampling_where_the_input_is_large(unet, monkeypatch):
+    """The up blocks' upsamplers take the sub-pixel form ("auto") from 32x32 inputs on: at 64x64 latents this
+    UNet's one upsampler sees 32x32 and does; the output matches the reference form up to float rounding, and
+    `disable_subpixel_upsampling()` turns it off."""
+    from lcmkit.nn import sampling
+
+    calls = []
+    real = sampling.nearest2x_conv3x3
+    monkeypatch.setattr(
+        sampling, "nearest2x_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
+    )
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 64, 64, generator=g)
+    text = torch.randn(1, 5, CONFIG.cross_attention_dim, generator=g)
+    cond = torch.randn(1, CONFIG.time_cond_proj_dim, generator=g)
+    try:
+        with torch.no_grad():
+            fast = unet(sample, 10, encoder_hidden_states=text, timestep_cond=cond).sample
+            assert calls == [(1, 16, 32, 32)]
+            unet(
+                sample[..., :32, :32], 10, encoder_hidden_states=text, timestep_cond=cond
+            )  # 16x16: reference form
+            assert len(calls) == 1
+            unet.disable_subpixel_upsampling()
+            plain = unet(sample, 10, encoder_hidden_states=text, timestep_cond=cond).sample
+            assert len(calls) == 1
+    finally:
+        unet.enable_subpixel_upsampling()
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

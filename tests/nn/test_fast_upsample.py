@@ -103,3 +103,37 @@ def test_upsample_layer_made_under_inference_mode():
             F.interpolate(x, scale_factor=2.0, mode="nearest"), layer.conv.weight, layer.conv.bias, padding=1
         )
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_auto_takes_the_subpixel_form_on_large_inputs_only(monkeypatch):
+    """subpixel="auto": sub-pixel form from SUBPIXEL_MIN_PIXELS input pixels on (same values up to rounding), the
+    reference form below that, for other output sizes and while a graph is traced."""
+    from lcmkit.nn import sampling
+    from lcmkit.nn.sampling import SUBPIXEL_MIN_PIXELS, Upsample2D
+
+    calls = []
+    real = sampling.nearest2x_conv3x3
+    monkeypatch.setattr(
+        sampling, "nearest2x_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
+    )
+    torch.manual_seed(0)
+    layer = Upsample2D(8, subpixel="auto").eval()
+    side = int(SUBPIXEL_MIN_PIXELS**0.5)
+    big, small = torch.randn(1, 8, side, side), torch.randn(1, 8, side - 1, side)
+
+    def reference(x: torch.Tensor, size=None) -> torch.Tensor:
+        up = (
+            F.interpolate(x, scale_factor=2.0, mode="nearest")
+            if size is None
+            else F.interpolate(x, size=size)
+        )
+        return F.conv2d(up, layer.conv.weight, layer.conv.bias, padding=1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(big), reference(big), atol=1e-5, rtol=1e-5)
+        assert calls == [big.shape]
+        assert torch.equal(layer(small), reference(small))
+        assert torch.equal(layer(big, (2 * side + 1, 2 * side)), reference(big, (2 * side + 1, 2 * side)))
+        traced = torch.jit.trace(layer, big, check_trace=False)
+        assert torch.equal(traced(big), reference(big))
+    assert calls == [big.shape]
