@@ -14,7 +14,9 @@ calls) and end to end, after one warm-up call per library and size, alternating 
 comes from a child process per library that only loads and runs that pipeline once (lcmkit twice: as it comes, with
 weight paging, and with `disable_weight_paging()`, every weight resident). FLOPs come from
 `torch.utils.flop_counter.FlopCounterMode` on one UNet call and one decode, and are compared with a 4096² fp32
-matmul timed in the same run (the practical peak of PyTorch's kernels here).
+matmul timed in the same run (the practical peak of PyTorch's kernels here). lcmkit's convolutions are counted as
+direct ones (its sub-pixel upsamplers as the 2x2 convolutions they are), so where its Winograd path runs, its
+GFLOP/s are direct-convolution equivalents.
 
 With `--openvino fp32` (or int8-weights), besides "lcmkit + TAESD + OV UNet", a column runs the OpenVINO UNet with
 the full SD VAE's decoder also on OpenVINO at that precision and no TAESD (`lcmkit.accel.use_openvino_vae_decoder`):
@@ -342,11 +344,14 @@ def count_flops(pipe: Any, size: int) -> dict[str, float]:
     text = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
     w_embedding = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
     out = {}
-    # FlopCounterMode does not see oneDNN's packed-weight convolution (lcmkit.nn.conv): count on the plain path,
-    # which does the same arithmetic, then put the default back
+    # FlopCounterMode sees neither oneDNN's packed-weight convolution nor NNPACK's Winograd one (lcmkit.nn.conv):
+    # count on the plain path, then put the defaults back. Packing does the same arithmetic; Winograd does about a
+    # fifth of the multiplies, so lcmkit's GFLOP/s are direct-convolution equivalents where it applies.
     packing = getattr(pipe, "set_conv_prepacking", None)
+    winograd = getattr(pipe, "set_conv_winograd", None)
     if packing is not None:
         packing("off")
+        winograd("off")
     try:
         with torch.no_grad():
             with FlopCounterMode(display=False) as counter:
@@ -358,6 +363,7 @@ def count_flops(pipe: Any, size: int) -> dict[str, float]:
     finally:
         if packing is not None:
             packing("auto")
+            winograd("auto")
     return out
 
 

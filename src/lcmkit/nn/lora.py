@@ -126,13 +126,28 @@ class LoraLayer(nn.Module):
             return up @ down
         return torch.einsum("or,rikl->oikl", up.flatten(1), down)
 
-    def _lora_path(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def lora_path(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Adapter `name`'s low-rank product on `x` (unscaled): down, then up."""
         down, up = self.lora_down[name], self.lora_up[name]
         if self.is_conv:
             b = self.base
             h = F.conv2d(x, down, None, b.stride, b.padding, b.dilation)
             return F.conv2d(h, up)
         return F.linear(F.linear(x, down), up)
+
+    def coefficients(self) -> dict[str, float]:
+        """The unfused adapters a call adds now, each with its coefficient (none while disabled): the layer's
+        output is the base product plus `lora_path(x, name) * coefficient` for each."""
+        if not self.enabled:
+            return {}
+        coeffs = {}
+        for name in self.active:
+            if name in self.fused or name not in self.scales:
+                continue
+            coeff = self.adapter_weights[name] * self.scales[name] * self.call_scale
+            if coeff != 0.0:
+                coeffs[name] = coeff
+        return coeffs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_conv and self.base.weight is self.weight and self.base.bias is self.bias:
@@ -141,14 +156,8 @@ class LoraLayer(nn.Module):
             out = self.base._conv_forward(x, self.weight, self.bias)
         else:
             out = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return out
-        for name in self.active:
-            if name in self.fused or name not in self.scales:
-                continue
-            coeff = self.adapter_weights[name] * self.scales[name] * self.call_scale
-            if coeff != 0.0:
-                out = out + self._lora_path(x, name) * coeff
+        for name, coeff in self.coefficients().items():
+            out = out + self.lora_path(x, name) * coeff
         return out
 
     def fuse(self, names: Sequence[str], lora_scale: float, safe: bool = False) -> None:

@@ -53,10 +53,10 @@ class ResnetBlock2D(nn.Module):
         h = self.dropout(F.silu(self.norm2(h), inplace=reuse))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)  # a fresh tensor: ours to write into, unless a hook kept it
-            owned = not _hooked(self.conv_shortcut)
+            owned = not forward_hooked(self.conv_shortcut)
         else:
-            owned = self.sum_into_input and not _hooked(self)
-        fuse = reuse and owned and isinstance(self.conv2, Conv2d) and not _hooked(self.conv2)
+            owned = self.sum_into_input and not forward_hooked(self)
+        fuse = reuse and owned and isinstance(self.conv2, Conv2d) and not forward_hooked(self.conv2)
         out = self.conv2.add_into(h, x) if fuse else None  # x + conv2(h), written into x
         if out is None:
             h = self.conv2(h)
@@ -66,7 +66,7 @@ class ResnetBlock2D(nn.Module):
         return out
 
 
-def _hooked(module: nn.Module) -> bool:
+def forward_hooked(module: nn.Module) -> bool:
     """Forward hooks that could see (or expect to see) this module's input or output: its own or global ones."""
     return bool(
         module._forward_pre_hooks
