@@ -34,3 +34,15 @@ def test_projection_products_equal_the_module_calls(linear, dtype):
         direct, through_modules, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0
     )
     assert not torch.equal(direct, x)  # the transformer added something to the residual
+
+
+def test_captured_graphs_keep_the_reference_layers():
+    """Traced (and so OpenVINO/ONNX-converted) graphs call proj_in / proj_out as the 1x1 convs they are."""
+    torch.manual_seed(0)
+    layer = SpatialTransformer(16, heads=2, dim_head=8, context_dim=12, groups=4).eval()
+    x, context = torch.randn(1, 16, 6, 5), torch.randn(1, 7, 12)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (x, context), check_trace=False)
+        torch.testing.assert_close(traced(x, context), layer(x, context), atol=1e-5, rtol=0)
+    graph = str(traced.inlined_graph)
+    assert graph.count("aten::_convolution") == 2 and "aten::baddbmm" not in graph

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcmkit.nn.attention import Attention
+from lcmkit.nn.conv import capturing_graph
 from lcmkit.nn.lora import LoraLayer
 from lcmkit.nn.resnet import forward_hooked
 
@@ -107,16 +108,16 @@ class SpatialTransformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in (torch.float32, torch.float64) or not (
-            _plain(self.proj_in) and _plain(self.proj_out)
-        ):
+        direct = x.dtype in (torch.float32, torch.float64) and not capturing_graph()
+        if not (direct and _plain(self.proj_in) and _plain(self.proj_out)):
             return self._forward_through_modules(x, context)
         # proj_in and proj_out as matrix products on the map's memory: a 1x1 conv over the map is a linear layer
         # over its tokens, and the (B, C, HW) map read transposed IS the (B, HW, C) token matrix, so neither the
         # tokens nor the map is copied into the other layout (SD1.5 at 512x512: 4.75 -> 4.55 s a UNet call on a
         # 2-core AVX-512 VM); the residual is summed into the out-projection's product. Same values up to rounding
-        # in float32; half precision keeps the reference's order of roundings (bias, then residual). LoRA adapters
-        # on the projections add their low-rank products on top, as their layer would.
+        # in float32; half precision keeps the reference's order of roundings (bias, then residual), and captured
+        # graphs (OpenVINO, ONNX) keep the reference's layers. LoRA adapters on the projections add their low-rank
+        # products on top, as their layer would.
         b, c, height, width = x.shape
         normed = self.norm(x)
         layer = self.proj_in
@@ -143,7 +144,8 @@ class SpatialTransformer(nn.Module):
         return out.view(b, c, height, width)
 
     def _forward_through_modules(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Calling proj_in and proj_out as modules: for wrapped ones (LoRA) and ones that forward hooks watch."""
+        """Calling proj_in and proj_out as modules: in half precision, in captured graphs, and for projections that
+        forward hooks watch."""
         b, _, height, width = x.shape
         h = self.norm(x)
         if not self.use_linear_projection:
