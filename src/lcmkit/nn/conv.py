@@ -19,10 +19,10 @@ transform, built into PyTorch's CPU wheels (`torch._nnpack_spatial_convolution`)
 multiplies of a direct convolution. Measured on a 2-core AVX-512 VM against oneDNN (ms, NNPACK / oneDNN NCHW /
 oneDNN channels-last): 512 ch at 128x128 248 / 388 / 371, at 96x96 136 / 216 / 219, 256 ch at 256x256 288 / 422 /
 323, 320 ch at 128x128 106 / 151 / 122, 640 -> 320 at 96x96 115 / 148 / 142; it loses where the weight is large
-next to the map (512 ch at 64x64 88 / 81, 1280 ch at 16x16 224 / 127) and at 128 channels (128 at 512x512 405 /
+next to the map (512 ch at 64x64 88 / 81, 1280 ch at 16x16 167 / 56) and at 128 channels (128 at 512x512 405 /
 490 / 342). Hence `WINOGRAD_MIN_PIXELS` and `WINOGRAD_MIN_CHANNELS`. Its rounding differs from a direct
 convolution's: about 1e-5 relative to the output's scale (7e-5 on outputs of magnitude 7), against 3e-7 for oneDNN;
-the SD decoder's image moves by about 1e-5. NNPACK needs plain NCHW input, which is why the VAE runs those levels
+the SD decoder's output in [-1, 1] moves by about 4e-5. NNPACK needs plain NCHW input, which is why the VAE runs those levels
 NCHW (`lcmkit.nn.layout`), and runs one sample at a time (its batched routine measured 4x slower).
 """
 
