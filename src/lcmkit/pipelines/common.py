@@ -232,9 +232,8 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         "off": the plain `F.conv2d` path everywhere (also no convolution summed straight into a residual,
         `Conv2d.add_into`).
         """
-        for model in (self.unet, self.vae):
-            if isinstance(model, torch.nn.Module):
-                set_conv_prepacking(model, mode)
+        for model in self._conv_models():
+            set_conv_prepacking(model, mode)
 
     def set_conv_winograd(self, mode: Winograd) -> None:
         """Where the UNet's and VAE's 3x3 convolutions take NNPACK's Winograd path (`lcmkit.nn.conv`).
@@ -244,9 +243,13 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         VAE runs those levels in plain NCHW. It rounds differently from a direct convolution (about 1e-5 relative).
         "always": every eligible convolution, at any size; "off": never.
         """
-        for model in (self.unet, self.vae):
-            if isinstance(model, torch.nn.Module):
-                set_conv_winograd(model, mode)
+        for model in self._conv_models():
+            set_conv_winograd(model, mode)
+
+    def _conv_models(self) -> list[torch.nn.Module]:
+        """The UNet and the VAE, where they are torch modules (an OpenVINO stand-in is not): what the conv switches
+        reach."""
+        return [model for model in (self.unet, self.vae) if isinstance(model, torch.nn.Module)]
 
     def _page_out(self, *modules: Any) -> None:
         if self._weight_paging:
