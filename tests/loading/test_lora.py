@@ -367,8 +367,8 @@ def test_inject_trainable_adapter(unet):
             w = m.weight
             up_shape = (w.shape[0], 2, 1, 1) if w.ndim == 4 else (w.shape[0], 2)
             layers[name] = LoraWeights(torch.randn(2, *w.shape[1:]), torch.zeros(up_shape), alpha=2.0)
+    unet.requires_grad_(False)  # before the plain run: frozen weights may take other (fast) conv paths
     plain = run(unet)
-    unet.requires_grad_(False)
     inject_adapter(unet, "train", layers, trainable=True)
     set_active_adapters(unet, ["train"], [1.0])
     assert torch.equal(run(unet), plain)  # B = 0: the adapter starts as the identity

@@ -13,6 +13,7 @@ import logging
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers.original_layout import original_state_dict, save_original
@@ -221,7 +222,9 @@ def test_config_folder_and_component_overrides(tiny_folders, tmp_path):
     again.set_progress_bar_config(disable=True)
     a = ours("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     b = again("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert (a == b).all()
+    # The weights are bitwise the same (above), but memory-mapped from two files at different offsets: on some CPUs
+    # (seen on an AMD EPYC with AVX2) the GEMM kernels round misaligned operands differently, about 3e-7 here
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     swapped = LatentConsistencyModelPipeline.from_single_file(path, config=folder, vae=again.vae)
     assert swapped.vae is again.vae
 
