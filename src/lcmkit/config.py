@@ -9,27 +9,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lcmkit.loading.errors import MissingModelFileError, ModelFileError
 
 logger = logging.getLogger(__name__)
 
 _META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
-class ConfigError(ValueError):
-    """A config asks for something lcmkit does not implement, or is inconsistent."""
+class ConfigError(ModelFileError):
+    """A config asks for something lcmkit does not implement, is inconsistent, or has a value of the wrong type.
+
+    Raised without a path by the dataclasses; the loaders that read the file add it (`with_path`).
+    """
 
 
-def _per_level(value: Any, n: int, name: str) -> tuple:
-    """Broadcast an int (or None) to one entry per level; check a list has one entry per level."""
+def _per_level(value: Any, n: int, name: str, model: str = "UNet") -> tuple:
+    """Broadcast an int (or None) to one entry per level; check a list has one positive int per level."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ConfigError(
                 f"`{name}` has {len(value)} entries but the model has {n} levels: {list(value)}"
             )
+        for v in value:
+            _check_int(v, name, model, f"a positive integer or a list of {n} of them")
         return tuple(value)
+    if value is not None:
+        _check_int(value, name, model, f"a positive integer or a list of {n} of them")
     return (value,) * n
 
 
@@ -42,15 +52,175 @@ def _reject_unsupported(cfg: dict, unsupported: dict[str, Any], model: str) -> N
         raise ConfigError(f"{model}: `{key}={value!r}` is not supported (lcmkit supports only {allowed!r})")
 
 
+def _check_class(cfg: dict, allowed: tuple[str, ...]) -> None:
+    """A config's `_class_name`, when it has one, must name a class this config describes."""
+    name = cfg.get("_class_name")
+    if name is not None and name not in allowed:
+        raise ConfigError(
+            f"`_class_name` is {name!r}; lcmkit needs a config of class {' or '.join(repr(a) for a in allowed)} "
+            "here; is this the right component folder?"
+        )
+
+
+# Typed reads of diffusers config values: JSON gives any type, and a wrong one must fail here, naming the key,
+# not deep inside model construction (a string of channels, a null where a number belongs).
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_error(key: str, model: str, wanted: str, value: Any) -> ConfigError:
+    return ConfigError(f"{model} config: `{key}` must be {wanted}, got {_short(value)}")
+
+
+def _check_int(value: Any, key: str, model: str, wanted: str = "a positive integer", minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _type_error(key, model, wanted, value)
+    return value
+
+
+def _int(cfg: dict, key: str, default: int, model: str, minimum: int = 1) -> int:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    return _check_int(value, key, model, wanted, minimum)
+
+
+def _optional_int(cfg: dict, key: str, model: str) -> int | None:
+    value = cfg.get(key)
+    return None if value is None else _check_int(value, key, model, "a positive integer or null")
+
+
+def _float(cfg: dict, key: str, default: float | None, model: str, positive: bool = False) -> float | None:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    wanted = "a positive number" if positive else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _type_error(key, model, wanted, value)
+    if positive and value <= 0:
+        raise _type_error(key, model, wanted, value)
+    return value
+
+
+def _bool(cfg: dict, key: str, default: bool, model: str) -> bool:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise _type_error(key, model, "true or false", value)
+
+
+def _ints(cfg: dict, key: str, default: tuple[int, ...], model: str) -> tuple[int, ...]:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    wanted = "a non-empty list of positive integers"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _type_error(key, model, wanted, value)
+    for v in value:
+        _check_int(v, key, model, wanted)
+    return tuple(value)
+
+
+def _floats(cfg: dict, key: str, model: str) -> tuple[float, ...] | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok:
+        raise _type_error(key, model, "a list of finite numbers or null", value)
+    return tuple(value)
+
+
+def _names(cfg: dict, key: str, default: tuple[str, ...], model: str) -> tuple[str, ...]:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise _type_error(key, model, "a non-empty list of block type names", value)
+    return tuple(value)
+
+
+def _value(cfg: dict, key: str, default: Any) -> Any:
+    """`cfg[key]`, or `default` when it is absent or null (diffusers writes null for "use the default")."""
+    value = cfg.get(key)
+    return default if value is None else value
+
+
+def _sample_size(cfg: dict, default: int, model: str) -> int:
+    """An int, or diffusers' [height, width] list (the first entry is kept, as before)."""
+    value = cfg.get("sample_size")
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    if value is None:
+        return default
+    return _check_int(value, "sample_size", model, "a positive integer or a list of them")
+
+
 def read_config_json(path: str | Path) -> dict:
-    """Read a diffusers `config.json`, with an error that names the file when it is not valid JSON."""
+    """Read a diffusers JSON config (`config.json`, `model_index.json`, ...) as a dict.
+
+    Every way the file can be wrong raises an error that names it: missing (`MissingModelFileError`, also a
+    FileNotFoundError), unreadable, empty, not UTF-8, not JSON, or JSON that is not an object.
+    """
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        raise MissingModelFileError("config file not found", path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot be read: {e.strerror or e}", path) from None
+    if not data.strip():
+        raise ConfigError(f"is empty ({len(data)} bytes); expected a JSON object", path)
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is tolerated; any other non-UTF-8 byte is not
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); JSON files must be UTF-8",
+            path,
+        ) from None
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        raise ConfigError(f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", path) from None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"holds a JSON {_json_kind(value)} ({_short(value)}) where a JSON object is expected", path
+        )
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "null" if value is None else type(value).__name__
+
+
+def require_settings(cfg: dict, path: str | Path, what: str) -> dict:
+    """Refuse a config file that holds no settings (`{}`, or only `_class_name` and the like).
+
+    The dataclasses would fill every field with SD 1.5's defaults, and the mismatch would only show later, as a
+    long list of weight keys that do not fit: say what is wrong where it is wrong.
+    """
+    if not any(not str(k).startswith("_") for k in cfg):
+        raise ConfigError(
+            f"holds no settings ({_short(cfg)}); the {what} config must list them (diffusers writes every field)",
+            path,
+        )
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -142,10 +312,15 @@ class UNetConfig:
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> UNetConfig:
+        """Read a diffusers `UNet2DConditionModel` config; ConfigError names any field lcmkit cannot use."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"a UNet config must be a dict of settings, got {type(cfg).__name__}")
         cfg = dict(cfg)
-        _reject_unsupported(cfg, _UNET_UNSUPPORTED, "UNet")
-        down = cfg.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
-        up = cfg.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        m = "UNet"
+        _check_class(cfg, ("UNet2DConditionModel",))
+        _reject_unsupported(cfg, _UNET_UNSUPPORTED, m)
+        down = _names(cfg, "down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), m)
+        up = _names(cfg, "up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, m)
         for t in down:
             if t not in _UNET_DOWN:
                 raise ConfigError(
@@ -164,42 +339,43 @@ class UNetConfig:
         n = len(down)
         if len(up) != n:
             raise ConfigError(f"UNet has {n} down blocks but {len(up)} up blocks")
-        channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+        channels = _ints(cfg, "block_out_channels", (320, 640, 1280, 1280), m)
         if len(channels) != n:
             raise ConfigError(f"block_out_channels has {len(channels)} entries for {n} levels")
-        cross = cfg.get("cross_attention_dim", 1280)
+        cross = cfg.get("cross_attention_dim")
         if isinstance(cross, (list, tuple)):
             if len(set(cross)) != 1:
                 raise ConfigError(f"per-level cross_attention_dim {cross} is not supported")
             cross = cross[0]
+        cross = _int({"cross_attention_dim": cross}, "cross_attention_dim", 1280, m)
         heads_dim = _per_level(cfg.get("attention_head_dim", 8), n, "attention_head_dim")
         heads_dim = tuple(h if h is not None else c for h, c in zip(heads_dim, channels, strict=True))
         num_heads = cfg.get("num_attention_heads")
         return cls(
-            sample_size=cfg.get("sample_size", 64),
-            in_channels=cfg.get("in_channels", 4),
-            out_channels=cfg.get("out_channels", 4),
+            sample_size=_sample_size(cfg, 64, m),
+            in_channels=_int(cfg, "in_channels", 4, m),
+            out_channels=_int(cfg, "out_channels", 4, m),
             block_out_channels=channels,
             down_attention=tuple(_UNET_DOWN[t] for t in down),
             up_attention=tuple(_UNET_UP[t] for t in up),
-            layers_per_block=_per_level(cfg.get("layers_per_block", 2), n, "layers_per_block"),
+            layers_per_block=_per_level(_value(cfg, "layers_per_block", 2), n, "layers_per_block"),
             transformer_layers_per_block=_per_level(
-                cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"
+                _value(cfg, "transformer_layers_per_block", 1), n, "transformer_layers_per_block"
             ),
             attention_head_dim=heads_dim,
             num_attention_heads=_per_level(num_heads, n, "num_attention_heads") if num_heads else None,
             cross_attention_dim=cross,
-            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-            upcast_attention=bool(cfg.get("upcast_attention", False)),
-            time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
-            time_embedding_dim=cfg.get("time_embedding_dim"),
-            flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-            freq_shift=cfg.get("freq_shift", 0),
-            norm_num_groups=cfg.get("norm_num_groups", 32),
-            norm_eps=cfg.get("norm_eps", 1e-5),
-            downsample_padding=cfg.get("downsample_padding", 1),
-            mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
-            dropout=cfg.get("dropout", 0.0),
+            use_linear_projection=_bool(cfg, "use_linear_projection", False, m),
+            upcast_attention=_bool(cfg, "upcast_attention", False, m),
+            time_cond_proj_dim=_optional_int(cfg, "time_cond_proj_dim", m),
+            time_embedding_dim=_optional_int(cfg, "time_embedding_dim", m),
+            flip_sin_to_cos=_bool(cfg, "flip_sin_to_cos", True, m),
+            freq_shift=_int(cfg, "freq_shift", 0, m, minimum=0),
+            norm_num_groups=_int(cfg, "norm_num_groups", 32, m),
+            norm_eps=_float(cfg, "norm_eps", 1e-5, m, positive=True),
+            downsample_padding=_int(cfg, "downsample_padding", 1, m, minimum=0),
+            mid_block_scale_factor=_float(cfg, "mid_block_scale_factor", 1.0, m),
+            dropout=_float(cfg, "dropout", 0.0, m),
         )
 
     def to_diffusers(self) -> dict:
@@ -270,14 +446,19 @@ class VAEConfig:
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> VAEConfig:
+        """Read a diffusers `AutoencoderKL` config; ConfigError names any field lcmkit cannot use."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"an AutoencoderKL config must be a dict of settings, got {type(cfg).__name__}")
         cfg = dict(cfg)
-        _reject_unsupported(cfg, _VAE_UNSUPPORTED, "AutoencoderKL")
-        channels = tuple(cfg.get("block_out_channels", (64,)))
+        m = "AutoencoderKL"
+        _check_class(cfg, ("AutoencoderKL",))
+        _reject_unsupported(cfg, _VAE_UNSUPPORTED, m)
+        channels = _ints(cfg, "block_out_channels", (64,), m)
         for key, allowed in (
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),
         ):
-            types = cfg.get(key, (allowed,) * len(channels))
+            types = _names(cfg, key, (allowed,) * len(channels), m)
             if any(t != allowed for t in types):
                 raise ConfigError(
                     f"AutoencoderKL {key}={list(types)} is not supported (only {allowed!r} blocks)"
@@ -286,26 +467,22 @@ class VAEConfig:
                 raise ConfigError(
                     f"AutoencoderKL has {len(types)} {key} but {len(channels)} block_out_channels"
                 )
-        sample_size = cfg.get("sample_size", 32)
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = sample_size[0]
-        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
         return cls(
-            in_channels=cfg.get("in_channels", 3),
-            out_channels=cfg.get("out_channels", 3),
+            in_channels=_int(cfg, "in_channels", 3, m),
+            out_channels=_int(cfg, "out_channels", 3, m),
             block_out_channels=channels,
-            layers_per_block=cfg.get("layers_per_block", 1),
-            latent_channels=cfg.get("latent_channels", 4),
-            norm_num_groups=cfg.get("norm_num_groups", 32),
-            sample_size=sample_size,
-            scaling_factor=cfg.get("scaling_factor", 0.18215),
-            shift_factor=cfg.get("shift_factor"),
-            latents_mean=tuple(mean) if mean is not None else None,
-            latents_std=tuple(std) if std is not None else None,
-            force_upcast=bool(cfg.get("force_upcast", True)),
-            use_quant_conv=bool(cfg.get("use_quant_conv", True)),
-            use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
-            mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
+            layers_per_block=_int(cfg, "layers_per_block", 1, m),
+            latent_channels=_int(cfg, "latent_channels", 4, m),
+            norm_num_groups=_int(cfg, "norm_num_groups", 32, m),
+            sample_size=_sample_size(cfg, 32, m),
+            scaling_factor=_float(cfg, "scaling_factor", 0.18215, m, positive=True),
+            shift_factor=_float(cfg, "shift_factor", None, m),
+            latents_mean=_floats(cfg, "latents_mean", m),
+            latents_std=_floats(cfg, "latents_std", m),
+            force_upcast=_bool(cfg, "force_upcast", True, m),
+            use_quant_conv=_bool(cfg, "use_quant_conv", True, m),
+            use_post_quant_conv=_bool(cfg, "use_post_quant_conv", True, m),
+            mid_block_add_attention=_bool(cfg, "mid_block_add_attention", True, m),
         )
 
     def to_diffusers(self) -> dict:

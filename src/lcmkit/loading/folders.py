@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lcmkit.config import read_config_json
+from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -31,28 +32,106 @@ COMPONENT_CLASSES: dict[str, tuple[str, str]] = {
     "image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
 }
 REQUIRED = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+# Class names (model_index.json's second entry) lcmkit can load each component from. Models must match exactly;
+# for the transformers parts a prefix is enough, since the name only picks an implementation of the same files
+# (CLIPTokenizerFast, CLIPImageProcessorPil, CLIPTextModelWithProjection: its text tower is what SD uses).
+# None: any class (see _load_one).
+LOADABLE: dict[str, tuple[str, ...] | None] = {
+    "vae": ("AutoencoderKL", "AutoencoderTiny"),
+    "text_encoder": ("CLIPTextModel*",),
+    "tokenizer": ("CLIPTokenizer*",),
+    "unet": ("UNet2DConditionModel",),
+    "scheduler": None,  # any diffusers scheduler config: an LCMScheduler is built from its betas
+    "safety_checker": ("StableDiffusionSafetyChecker",),
+    "feature_extractor": ("CLIPImageProcessor*", "CLIPFeatureExtractor*"),
+    "image_encoder": None,  # ignored until IP-Adapter is supported
+}
+
+
+def _loadable(cls_name: str, allowed: tuple[str, ...]) -> bool:
+    return any(cls_name.startswith(a[:-1]) if a.endswith("*") else cls_name == a for a in allowed)
+
+
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 _NOT_GIVEN = object()
 
 
-class PipelineFolderError(ValueError):
+class PipelineFolderError(ModelFileError):
     """A pipeline folder is missing, incomplete, or names components lcmkit cannot load."""
 
 
+class MissingFolderError(PipelineFolderError, MissingModelFileError):
+    """A component folder that model_index.json lists is not there (also a FileNotFoundError)."""
+
+
 def read_model_index(path: Path) -> dict:
+    """`model_index.json` of a pipeline folder, checked: a JSON object whose component entries are
+    `[library, class name]` pairs (`[null, null]` for an absent optional one)."""
+    path = Path(path)
     if not path.is_dir():
         raise PipelineFolderError(
             f"{path} is not a folder. Pass a diffusers-layout folder (with model_index.json); "
-            "loading by hub id and single-file checkpoints are handled by the loaders in lcmkit.loading."
+            "loading by hub id and single-file checkpoints are handled by the loaders in lcmkit.loading.",
+            path,
         )
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise PipelineFolderError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder")
-    return read_config_json(index_file)
+        raise PipelineFolderError(
+            f"{path} has no model_index.json, so it is not a diffusers pipeline folder", path
+        )
+    try:
+        index = read_config_json(index_file)
+    except ModelFileError as e:
+        raise PipelineFolderError(e.problem, index_file) from None
+    _check_index(index, index_file)
+    return index
+
+
+def _check_index(index: dict, index_file: Path) -> None:
+    sdxl = [name for name in SDXL_COMPONENTS if _entry_class(index.get(name)) is not None]
+    if sdxl or "XL" in str(index.get("_class_name", "")):
+        raise PipelineFolderError(
+            f"is an SDXL pipeline ({index.get('_class_name')!r}"
+            + (f", with {' and '.join(sdxl)}" if sdxl else "")
+            + "); lcmkit supports Stable Diffusion 1.x/2.x layouts only",
+            index_file,
+        )
+    for name in COMPONENT_CLASSES:
+        if name not in index:
+            continue
+        entry = index[name]
+        pair = isinstance(entry, (list, tuple)) and len(entry) == 2
+        if (
+            pair
+            and (entry[0] is None) == (entry[1] is None)
+            and all(v is None or isinstance(v, str) for v in entry)
+        ):
+            continue
+        library, cls_name = COMPONENT_CLASSES[name]
+        raise PipelineFolderError(
+            f"the `{name}` entry is {_short(entry)}; expected a [library, class name] pair such as "
+            f'["{library}", "{cls_name}"], or [null, null] for an absent optional component',
+            index_file,
+        )
+    flag = index.get("requires_safety_checker")
+    if flag is not None and not isinstance(flag, bool):
+        raise PipelineFolderError(
+            f"`requires_safety_checker` must be true or false, got {_short(flag)}", index_file
+        )
+
+
+def _short(value: Any) -> str:
+    text = (
+        json.dumps(value)
+        if isinstance(value, (list, dict, str, int, float, bool, type(None)))
+        else repr(value)
+    )
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _entry_class(entry: Any) -> str | None:
     """Class name from a model_index entry `[library, class]`; None for an absent optional component."""
-    if isinstance(entry, (list, tuple)) and len(entry) == 2:
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str):
         return entry[1]
     return None
 
@@ -61,7 +140,29 @@ def _load_one(
     name: str, cls_name: str, folder: Path, torch_dtype: torch.dtype | None, variant: str | None
 ) -> Any:
     if not folder.is_dir():
-        raise PipelineFolderError(f"model_index.json lists `{name}` ({cls_name}) but {folder} does not exist")
+        raise MissingFolderError(
+            f"model_index.json lists `{name}` ({cls_name}) but {folder} does not exist", folder
+        )
+    allowed = LOADABLE.get(name)
+    if allowed is not None and not _loadable(cls_name, allowed):
+        raise PipelineFolderError(
+            f"`{name}` is a {cls_name!r}, which lcmkit cannot load as the {name} (supported: "
+            f"{', '.join(repr(a) for a in allowed)})",
+            folder.parent / "model_index.json",
+        )
+    try:
+        return _load_component(name, cls_name, folder, torch_dtype, variant)
+    except ModelFileError as e:
+        raise e.with_path(folder) from None
+    except FileNotFoundError as e:
+        raise MissingModelFileError(one_line(str(e)), folder) from e
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # transformers' own errors
+        raise ModelFileError(f"cannot be loaded as the {name} ({cls_name}): {describe(e)}", folder) from e
+
+
+def _load_component(
+    name: str, cls_name: str, folder: Path, torch_dtype: torch.dtype | None, variant: str | None
+) -> Any:
     if name == "unet":
         from lcmkit.models.unet import UNet2DConditionModel
 
@@ -71,10 +172,6 @@ def _load_one(
             from lcmkit.models.tiny_vae import AutoencoderTiny
 
             return AutoencoderTiny.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
-        if cls_name != "AutoencoderKL":
-            raise PipelineFolderError(
-                f"vae class {cls_name!r} is not supported (supported: 'AutoencoderKL', 'AutoencoderTiny')"
-            )
         from lcmkit.models.vae import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
@@ -100,7 +197,7 @@ def _load_one(
         from lcmkit.models.safety import load_feature_extractor
 
         return load_feature_extractor(folder)
-    raise PipelineFolderError(f"component `{name}` ({cls_name}) is not supported by lcmkit")
+    raise PipelineFolderError(f"component `{name}` ({cls_name}) is not supported by lcmkit", folder)
 
 
 def load_components(
@@ -125,7 +222,7 @@ def load_components(
         if cls_name is None:
             if name in REQUIRED:
                 raise PipelineFolderError(
-                    f"{path}/model_index.json has no `{name}` component, which the pipeline needs"
+                    f"has no `{name}` component, which the pipeline needs", path / "model_index.json"
                 )
             components[name] = None
             continue

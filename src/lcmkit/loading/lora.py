@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcmkit.loading.weights import load_state_dict
+from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe
+from lcmkit.loading.weights import check_finite, load_state_dict
 from lcmkit.nn.lora import (  # re-exported: the adapter layer API is used through this module too
     LoraLayer,
     LoraWeights,
@@ -311,13 +313,84 @@ def _match_layout(
 
 
 def _read_metadata(path: Path) -> dict[str, Any] | None:
+    """diffusers' LoraConfig saved as JSON in the safetensors metadata (`lora_adapter_metadata`), if present.
+
+    Only this entry is read; kohya's `ss_*` entries are informational (kohya's and A1111's loaders take alpha
+    from the `.alpha` tensors too), so whatever they hold never stops a file from loading.
+    """
     if path.suffix != ".safetensors":
         return None
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as e:  # SafetensorError: a header the tensors could be read past, but not the metadata
+        raise ModelFileError(f"the safetensors metadata cannot be read: {describe(e)}", path) from e
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(
+            f"the `{METADATA_KEY}` metadata entry is not valid JSON ({e.msg} at column {e.colno}): {raw[:60]!r}",
+            path,
+        ) from None
+
+
+def _check_metadata(metadata: Any, path: Path | None) -> None:
+    """The LoraConfig values lcmkit reads (`lora_alpha`, `alpha_pattern`, per component or not) have usable types."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise ModelFileError(
+            f"the `{METADATA_KEY}` metadata must be a JSON object (a LoraConfig), got {_short(metadata)}",
+            path,
+        )
+    for key, value in metadata.items():
+        field = str(key).rpartition(".")[2]
+        if field == "lora_alpha" and value is not None and not _is_number(value):
+            raise ModelFileError(f"`{METADATA_KEY}`: `{key}` must be a number, got {_short(value)}", path)
+        if field == "alpha_pattern" and value is not None:
+            if not isinstance(value, Mapping):
+                raise ModelFileError(
+                    f"`{METADATA_KEY}`: `{key}` must map module patterns to numbers, got {_short(value)}",
+                    path,
+                )
+            for pattern, alpha in value.items():
+                if not _is_number(alpha):
+                    raise ModelFileError(
+                        f"`{METADATA_KEY}`: `{key}[{pattern!r}]` must be a number, got {_short(alpha)}", path
+                    )
+                try:
+                    re.compile(rf"(.*\.)?({pattern})$")  # as _metadata_alpha uses it
+                except re.error as e:
+                    raise ModelFileError(
+                        f"`{METADATA_KEY}`: `{key}` holds {pattern!r}, not a valid regular expression ({e})",
+                        path,
+                    ) from None
+
+
+def _check_tensors(state_dict: Mapping[str, Any], path: Path | None) -> None:
+    """Every value a tensor, every `.alpha` a single number, and no NaN or infinity anywhere."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelFileError(f"LoRA key `{key}` holds a {type(value).__name__}, not a tensor", path)
+        if key.endswith(".alpha") and value.numel() != 1:
+            raise ModelFileError(
+                f"LoRA key `{key}` must be a single number (the adapter's alpha), got shape {tuple(value.shape)}",
+                path,
+            )
+    check_finite(state_dict.items(), path, "LoRA")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def find_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
@@ -327,9 +400,10 @@ def find_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingModelFileError(
             f"LoRA weights not found: {path} is neither a file nor a folder (hub ids are not fetched here; "
-            "download the file and pass its path)"
+            "download the file and pass its path)",
+            path,
         )
     names = [weight_name] if weight_name else list(LORA_WEIGHT_NAMES)
     for name in names:
@@ -338,8 +412,9 @@ def find_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
     found = sorted(p.name for p in path.glob("*.safetensors"))
     if weight_name is None and len(found) == 1:
         return path / found[0]
-    raise FileNotFoundError(
-        f"no LoRA file {names} in {path}; it holds {found or 'no .safetensors files'} (pass weight_name=...)"
+    raise MissingModelFileError(
+        f"no LoRA file {names} in {path}; it holds {found or 'no .safetensors files'} (pass weight_name=...)",
+        path,
     )
 
 
@@ -349,12 +424,22 @@ def read_lora(
     subfolder: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(state dict, diffusers LoRA metadata or None). A passed-in dict is shallow-copied, never modified."""
+    """(state dict, diffusers LoRA metadata or None). A passed-in dict is shallow-copied, never modified.
+
+    A file that is damaged, holds NaN/Inf values, a non-scalar alpha or unusable LoraConfig metadata raises a
+    `ModelFileError` naming it (and the tensor key).
+    """
     if isinstance(source, Mapping):
-        return dict(source), dict(metadata) if metadata else None
-    folder = Path(source) / subfolder if subfolder else Path(source)
-    path = find_lora_file(folder, weight_name)
-    return load_state_dict(path), dict(metadata) if metadata else _read_metadata(path)
+        state_dict, path = dict(source), None
+        meta = dict(metadata) if metadata else None
+    else:
+        folder = Path(source) / subfolder if subfolder else Path(source)
+        path = find_lora_file(folder, weight_name)
+        state_dict = load_state_dict(path)
+        meta = dict(metadata) if metadata else _read_metadata(path)
+    _check_tensors(state_dict, path)
+    _check_metadata(meta, None if metadata else path)
+    return state_dict, meta
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -417,13 +502,24 @@ class LoraLoaderMixin:
             raise ValueError(
                 f"adapter name {adapter_name!r} is already in use; loaded adapters: {sorted(existing)}"
             )
-        state_dict, meta = read_lora(pretrained_model_name_or_path_or_dict, weight_name, subfolder, metadata)
-        per_component = split_lora_state_dict(state_dict, models, meta)
-        if not per_component:
-            raise ValueError("the LoRA state dict is empty: no weights to load")
+        source = pretrained_model_name_or_path_or_dict
+        path = None
+        if not isinstance(source, Mapping):
+            path = find_lora_file(Path(source) / subfolder if subfolder else Path(source), weight_name)
+            source, weight_name, subfolder = path, None, None
+        state_dict, meta = read_lora(source, weight_name, subfolder, metadata)
+        try:
+            per_component = split_lora_state_dict(state_dict, models, meta)
+            if not per_component:
+                raise ValueError("the LoRA state dict is empty: no weights to load")
+        except ValueError as e:  # keys that fit no module of these models: name the file that holds them
+            if path is None or isinstance(e, ModelFileError):
+                raise
+            raise ModelFileError(str(e), path) from None
         for component, layers in per_component.items():
             inject_adapter(models[component], adapter_name, layers)
             set_active_adapters(models[component], [adapter_name], [1.0])
+        self.__dict__.setdefault("_lora_files", {})[adapter_name] = path
         logger.info(
             "loaded LoRA %r: %s",
             adapter_name,
@@ -459,6 +555,14 @@ class LoraLoaderMixin:
                     chosen.append(name)
                     ws.append(float(w))
             set_active_adapters(model, chosen, ws)
+
+    @property
+    def lora_files(self) -> dict[str, Path | None]:
+        """{adapter name: the file it was loaded from (None for a state dict passed in)} of the loaded adapters, in
+        load order; what servers list (A1111's /sdapi/v1/loras)."""
+        loaded = {n for names in self.get_list_adapters().values() for n in names}
+        files = self.__dict__.get("_lora_files", {})
+        return {name: path for name, path in files.items() if name in loaded}
 
     def get_active_adapters(self) -> list[str]:
         """Adapters in effect in any component, in activation order."""

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lcmkit.config import UNetConfig, VAEConfig, read_config_json
+from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe
 from lcmkit.loading.weights import WeightsError, check_keys, load_state_dict
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,23 @@ class SingleFileError(WeightsError):
     version, or a layout whose parts disagree."""
 
 
+class MissingSingleFileError(SingleFileError, MissingModelFileError):
+    """The single-file checkpoint is not there (also a FileNotFoundError)."""
+
+
+# Key prefixes of model families whose single files look like SD's (some share `model.diffusion_model.`) but are
+# not SD 1.x/2.x: refused by name before anything is inferred from the tensors.
+OTHER_FAMILIES = (
+    (("conditioner.embedders.",), "an SDXL checkpoint (text encoders under conditioner.embedders.*)"),
+    (
+        (UNET_PREFIX + "label_emb.",),
+        "an SDXL-style checkpoint (its UNet is conditioned on sizes or classes: model.diffusion_model.label_emb)",
+    ),
+    ((UNET_PREFIX + "joint_blocks.",), "a Stable Diffusion 3 checkpoint (MMDiT joint_blocks)"),
+    (("double_blocks.", UNET_PREFIX + "double_blocks."), "a FLUX checkpoint (double_blocks)"),
+)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading and splitting the file
 
@@ -83,9 +101,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         )
     path = Path(path)
     if not path.is_file():
-        raise SingleFileError(f"single-file checkpoint not found: {path}")
+        raise MissingSingleFileError("single-file checkpoint not found", path)
     if path.suffix.lower() not in SUFFIXES:
-        raise SingleFileError(f"{path.name}: expected a checkpoint file ending in one of {list(SUFFIXES)}")
+        raise SingleFileError(f"expected a checkpoint file ending in one of {list(SUFFIXES)}", path)
     return load_state_dict(path)
 
 
@@ -103,13 +121,21 @@ def split_checkpoint(
                 break
         else:
             ignored.append(key)
+    for prefixes, family in OTHER_FAMILIES:
+        if any(k.startswith(prefixes) for k in state_dict):
+            raise SingleFileError(
+                f"is {family}, which lcmkit does not support: it loads SD 1.x single files, and SD 1.x/2.x "
+                "models as diffusers folders (from_pretrained)",
+                source,
+            )
     if not parts["unet"]:
-        raise SingleFileError(_not_a_checkpoint(list(state_dict), source))
+        raise SingleFileError(_not_a_checkpoint(list(state_dict)), source)
     if any(k.startswith("cond_stage_model.model.") for k in state_dict):
         raise SingleFileError(
-            f"{source} is an SD 2.x checkpoint (OpenCLIP text tower under cond_stage_model.model.); "
+            "is an SD 2.x checkpoint (OpenCLIP text tower under cond_stage_model.model.); "
             "SD 2.x single files with OpenCLIP text towers are not supported yet. Convert it to a diffusers "
-            "folder and use from_pretrained."
+            "folder and use from_pretrained.",
+            source,
         )
     unusual = [k for k in ignored if not _IGNORED_ROOT.match(k) and not k.startswith(("cond_stage_model.",))]
     if any(k.startswith("model_ema.") for k in ignored):
@@ -124,10 +150,10 @@ def split_checkpoint(
     return parts
 
 
-def _not_a_checkpoint(keys: list[str], source: str) -> str:
+def _not_a_checkpoint(keys: list[str]) -> str:
     """Say what was expected and, when the keys tell, what the file is instead and which loader takes it."""
     message = (
-        f"{source} does not look like an original Stable Diffusion checkpoint ({len(keys)} keys such as "
+        f"does not look like an original Stable Diffusion checkpoint ({len(keys)} keys such as "
         f"{', '.join(keys[:3])}): expected the UNet under '{UNET_PREFIX}', the VAE under '{VAE_PREFIX}' and the "
         f"text encoder under '{TEXT_PREFIX}'."
     )
@@ -140,8 +166,6 @@ def _not_a_checkpoint(keys: list[str], source: str) -> str:
         return (
             message + " It looks like a textual-inversion embedding: use `pipe.load_textual_inversion(path)`."
         )
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return message + " It looks like an SDXL-style checkpoint, which lcmkit does not support."
     if any(k.startswith(("down_blocks.", "conv_in.", "unet.")) for k in keys):
         return (
             message
@@ -540,22 +564,34 @@ def _configs_from_folder(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise SingleFileError(
-            f"config={str(folder)!r} is not a local folder; pass a diffusers-layout folder (hub ids are not resolved)"
+            f"config={str(folder)!r} is not a local folder; pass a diffusers-layout folder (hub ids are not resolved)",
+            folder,
         )
     out: dict[str, Any] = {}
-    if (folder / "unet" / "config.json").is_file():
-        out["unet"] = UNetConfig.from_diffusers(read_config_json(folder / "unet" / "config.json"))
-    if (folder / "vae" / "config.json").is_file():
-        out["vae"] = VAEConfig.from_diffusers(read_config_json(folder / "vae" / "config.json"))
+    for name, config_class in (("unet", UNetConfig), ("vae", VAEConfig)):
+        config_file = folder / name / "config.json"
+        if config_file.is_file():
+            try:
+                out[name] = config_class.from_diffusers(read_config_json(config_file))
+            except ModelFileError as e:
+                raise e.with_path(config_file) from None
     if (folder / "text_encoder" / "config.json").is_file():
-        out["text_encoder"] = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+        try:
+            out["text_encoder"] = CLIPTextConfig.from_pretrained(
+                folder / "text_encoder", local_files_only=True
+            )
+        except Exception as e:  # transformers' validation errors have no common base class
+            config_file = folder / "text_encoder" / "config.json"
+            raise ModelFileError(
+                f"is not a valid CLIP text encoder config: {describe(e)}", config_file
+            ) from e
     if (folder / "tokenizer").is_dir():
         out["tokenizer"] = folder / "tokenizer"
     if (folder / "scheduler").is_dir():
         out["scheduler"] = folder / "scheduler"
     if not out:
         raise SingleFileError(
-            f"config folder {folder} has none of unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+            f"config folder {folder} has none of unet/, vae/, text_encoder/, tokenizer/, scheduler/", folder
         )
     return out
 
@@ -573,10 +609,24 @@ def load_single_file_components(
     `config` is a local diffusers folder whose configs replace the inferred ones. Floating weights become
     `torch_dtype` (default float32, whatever the file stores).
     """
+    try:
+        return _load_components(path, torch_dtype, prediction_type, config, set(given))
+    except ModelFileError as e:
+        if "://" not in str(path):  # what inspecting the tensors found is said about this file
+            e.with_path(path)
+        raise
+
+
+def _load_components(
+    path: str | Path,
+    torch_dtype: torch.dtype | None,
+    prediction_type: str | None,
+    config: str | Path | None,
+    given: set[str],
+) -> dict[str, Any]:
     from lcmkit.models.text import load_tokenizer
     from lcmkit.schedulers import LCMScheduler
 
-    given = set(given)
     dtype = torch_dtype or torch.float32
     source = str(path)
     parts = split_checkpoint(read_checkpoint(path), source)
@@ -585,7 +635,7 @@ def load_single_file_components(
 
     if "vae" not in given:
         if not parts["vae"]:
-            raise SingleFileError(f"{source} has no VAE (no '{VAE_PREFIX}' keys); pass one as `vae=`")
+            raise SingleFileError(f"has no VAE (no '{VAE_PREFIX}' keys); pass one as `vae=`", source)
         vae_config = folder_configs.get("vae") or infer_vae_config(parts["vae"])
         out["vae"] = build_vae(parts["vae"], vae_config, source, dtype)
     if "unet" not in given:
@@ -603,7 +653,7 @@ def load_single_file_components(
     if "text_encoder" not in given:
         if not parts["text_encoder"]:
             raise SingleFileError(
-                f"{source} has no CLIP text encoder (no '{TEXT_PREFIX}' keys); pass one as `text_encoder=`"
+                f"has no CLIP text encoder (no '{TEXT_PREFIX}' keys); pass one as `text_encoder=`", source
             )
         text_sd = {k.removeprefix("text_model."): v for k, v in parts["text_encoder"].items()}
         text_config = folder_configs.get("text_encoder") or infer_text_config(text_sd)

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcmkit.loading.weights import load_state_dict
+from lcmkit.loading.errors import MissingModelFileError, ModelFileError
+from lcmkit.loading.weights import check_finite, load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,17 @@ class _VocabRecord:
 
 def _load_source(
     source: str | Path, weight_name: str | None, hub_kwargs: dict[str, Any]
-) -> tuple[Mapping[str, Any], str]:
-    """A file, a folder holding `learned_embeds.*` (or `weight_name`), or a hub repo id -> (dict, file stem)."""
+) -> tuple[Mapping[str, Any], Path]:
+    """A file, a folder holding `learned_embeds.*` (or `weight_name`), or a hub repo id -> (dict, the file)."""
     path = Path(source).expanduser()
     if path.is_dir():
         names = (weight_name,) if weight_name else DIFFUSERS_NAMES
         found = [path / n for n in names if (path / n).is_file()]
         if not found:
-            raise FileNotFoundError(
+            raise MissingModelFileError(
                 f"{path} holds no textual inversion file named {list(names)}; pass the file itself, "
-                "or weight_name=... for another name"
+                "or weight_name=... for another name",
+                path,
             )
         path = found[0]
     elif not path.exists():
@@ -76,7 +78,7 @@ def _load_source(
                 f"{str(source)!r} is neither an existing file or folder nor a hub repo id ('owner/name')"
             )
         path = _hub_embedding(str(source), weight_name, hub_kwargs, hub_file)
-    return load_state_dict(path), path.stem
+    return load_state_dict(path), path
 
 
 def _hub_embedding(
@@ -129,6 +131,22 @@ def _parse(
     if not isinstance(vectors, torch.Tensor):
         raise ValueError(f"embedding for {name!r} is a {type(vectors).__name__}, not a tensor")
     return name, _as_matrix(vectors, name)
+
+
+def _tensors(
+    state: Mapping[str, Any] | torch.Tensor, name: str, vectors: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) of every tensor a loaded embedding holds, keys as written in the file (`string_to_param.*`
+    for A1111's nested dict), for the NaN/Inf check; a bare tensor is named after its token."""
+    if isinstance(state, torch.Tensor):
+        return [(name, vectors)]
+    found = []
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            found.append((str(key), value))
+        elif isinstance(value, Mapping):
+            found += [(f"{key}.{k}", v) for k, v in value.items() if isinstance(v, torch.Tensor)]
+    return found
 
 
 def _as_matrix(vectors: torch.Tensor, token: str) -> torch.Tensor:
@@ -347,11 +365,21 @@ class TextualInversionLoaderMixin:
             )
         entries = []
         for item, tok in zip(items, tokens, strict=True):
+            path = None
             if isinstance(item, (str, Path)):
-                state, stem = _load_source(item, weight_name, hub_kwargs)
+                state, path = _load_source(item, weight_name, hub_kwargs)
             else:
-                state, stem = item, None
-            entries.append(_parse(state, tok, stem))
+                state = item
+            try:
+                name, vectors = _parse(state, tok, path.stem if path else None)
+            except ModelFileError:
+                raise
+            except ValueError as e:  # a layout or shape this loader cannot read: say which file it is
+                if path is None:
+                    raise
+                raise ModelFileError(str(e), path) from None
+            check_finite(_tensors(state, name, vectors), path, f"textual inversion embedding {name!r}")
+            entries.append((name, vectors))
         return entries
 
     @staticmethod

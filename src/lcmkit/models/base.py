@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lcmkit.config import read_config_json
+from lcmkit.config import read_config_json, require_settings
+from lcmkit.loading.errors import ModelFileError, describe
 from lcmkit.loading.weights import check_keys, find_weights_file, load_state_dict, save_state_dict
 
 
@@ -42,18 +43,41 @@ class ModelMixin(nn.Module):
         variant: str | None = None,
         device: str | torch.device = "cpu",
     ) -> ModelMixin:
-        """Build from `config.json` on the meta device, then load the weights strictly (every key and shape)."""
+        """Build from `config.json` on the meta device, then load the weights strictly (every key and shape).
+
+        Every problem with the folder's files raises a `ModelFileError` naming the file: a config that is not a
+        JSON object of settings, has values of the wrong type or describes a model that cannot be built, and
+        weights that are missing, damaged or do not fit the config.
+        """
         folder = Path(folder) / subfolder if subfolder else Path(folder)
-        config = cls.config_class.from_diffusers(read_config_json(folder / "config.json"))
+        config_file = folder / "config.json"
+        config = cls._read_config(config_file)
         path = find_weights_file(folder, variant)
         state_dict = load_state_dict(path, device=device)
-        with torch.device("meta"):
-            model = cls(config)
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except ModelFileError as e:
+            raise e.with_path(config_file) from None
+        except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:  # a config no model can have
+            raise ModelFileError(f"describes a model that cannot be built: {describe(e)}", config_file) from e
         check_keys(model, state_dict, str(path))
         if torch_dtype is not None:
             state_dict = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.eval()
+
+    @classmethod
+    def _read_config(cls, config_file: Path) -> Any:
+        """The typed config of `config_file`; a ModelFileError naming the file for anything wrong with it."""
+        what = cls.__name__
+        cfg = require_settings(read_config_json(config_file), config_file, what)
+        try:
+            return cls.config_class.from_diffusers(cfg)
+        except ModelFileError as e:
+            raise e.with_path(config_file) from None
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value the reader did not foresee
+            raise ModelFileError(f"is not a valid {what} config: {describe(e)}", config_file) from e
 
     def save_pretrained(self, folder: str | Path, variant: str | None = None) -> None:
         """Write `config.json` and `diffusion_pytorch_model.safetensors`, a folder diffusers can load."""

@@ -15,9 +15,16 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lcmkit.config import read_config_json, require_settings
+from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe
+from lcmkit.loading.weights import WeightsError, sniff_weights_file
 
 logger = logging.getLogger(__name__)
+
+# `model_type` of a text encoder config.json: a text config, or a whole CLIP config (its text_config is used)
+_CLIP_MODEL_TYPES = ("clip_text_model", "clip")
 
 PromptTransform = Callable[[str], str]
 
@@ -42,18 +49,41 @@ def _weight_names(variant: str | None) -> list[str]:
     ]
 
 
-def _check_component_folder(folder: Path, variant: str | None, what: str) -> None:
+def _check_component_folder(folder: Path, variant: str | None, what: str) -> Path:
+    """The weights file (or shard index) a component folder would load; missing files raise, naming them."""
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"No {what} config.json in {folder}; pass the component folder (e.g. '<model>/{what}')."
+        raise MissingModelFileError(
+            f"No {what} config.json in {folder}; pass the component folder (e.g. '<model>/{what}').",
+            folder / "config.json",
         )
     names = _weight_names(variant)
-    if not any((folder / name).is_file() for name in names):
-        present = sorted(p.name for p in folder.iterdir() if p.is_file())
-        hint = ""
-        if variant is None and any(".fp16." in name for name in present):
-            hint = ' The folder has fp16 files: pass variant="fp16".'
-        raise FileNotFoundError(f"No {what} weights named {names} in {folder}; found {present}.{hint}")
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    present = sorted(p.name for p in folder.iterdir() if p.is_file())
+    hint = ""
+    if variant is None and any(".fp16." in name for name in present):
+        hint = ' The folder has fp16 files: pass variant="fp16".'
+    raise MissingModelFileError(
+        f"No {what} weights named {names} in {folder}; found {present}.{hint}", folder
+    )
+
+
+def _text_config(folder: Path) -> CLIPTextConfig:
+    """The folder's `CLIPTextConfig`; a config that is empty, of another model or not valid raises, naming it."""
+    config_file = folder / "config.json"
+    cfg = require_settings(read_config_json(config_file), config_file, "CLIP text encoder")
+    model_type = cfg.get("model_type")
+    if model_type is not None and model_type not in _CLIP_MODEL_TYPES:
+        raise ModelFileError(
+            f"`model_type` is {model_type!r}: not a CLIP text encoder config (expected one of "
+            f"{list(_CLIP_MODEL_TYPES)}); is this the right component folder?",
+            config_file,
+        )
+    try:
+        return CLIPTextConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers' validation errors have no common base class
+        raise ModelFileError(f"is not a valid CLIP text encoder config: {describe(e)}", config_file) from e
 
 
 def load_text_encoder(
@@ -65,28 +95,159 @@ def load_text_encoder(
     ``weights_only=True`` (its default; we also pass it where the argument exists). transformers 5.x maps the
     ``text_model.`` key prefix of published checkpoints itself. ``dtype=None`` means float32 (transformers 5.x
     would otherwise keep the file's dtype). ``variant="fp16"`` reads ``model.fp16.safetensors``.
+
+    A damaged folder raises a `ModelFileError` naming the file: a config that is empty, not JSON or not a CLIP
+    text config, and weights that are truncated, not a torch file, or do not fit the config.
     """
     folder = Path(folder)
     if variant and not any((folder / name).is_file() for name in _weight_names(variant)):
         if any((folder / name).is_file() for name in _weight_names(None)):  # as diffusers: default weights
             logger.warning("%s has no %r weights; loading its default weights instead", folder, variant)
             variant = None
-    _check_component_folder(folder, variant, "text_encoder")
+    weights = _check_component_folder(folder, variant, "text_encoder")
+    config = _text_config(folder)
+    _check_weights_file(weights)
     kwargs = {_dtype_kwarg(): dtype or torch.float32}
     if "weights_only" in inspect.signature(CLIPTextModel.from_pretrained).parameters:
         kwargs["weights_only"] = True  # the default already; said out loud so a changed default cannot bite
-    model = CLIPTextModel.from_pretrained(folder, local_files_only=True, variant=variant, **kwargs)
+    try:
+        model = CLIPTextModel.from_pretrained(
+            folder, config=config, local_files_only=True, variant=variant, **kwargs
+        )
+    except Exception as e:  # torch, safetensors and transformers each raise their own kinds
+        raise ModelFileError(
+            f"cannot be loaded as the CLIP text encoder of {folder / 'config.json'}: {describe(e)}", weights
+        ) from e
     return model.eval()
 
 
+def _check_weights_file(path: Path) -> None:
+    """What can be checked before transformers reads the weights, so that its errors (which do not name the file)
+    are rarely met: what the file is (by its first bytes), and a safetensors header (no tensor is read)."""
+    if path.name.endswith(".index.json"):
+        return  # sharded weights: transformers reads the shards the index names
+    if sniff_weights_file(path) != "safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError
+        raise WeightsError(
+            f"not a readable safetensors file (corrupt or truncated?): {describe(e)}", path
+        ) from e
+
+
 def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """Load a diffusers-layout ``tokenizer/`` folder (vocab.json, merges.txt, tokenizer_config.json) offline."""
+    """Load a diffusers-layout ``tokenizer/`` folder (vocab.json, merges.txt, tokenizer_config.json) offline.
+
+    Each file is checked first, so a damaged one raises a `ModelFileError` naming it (transformers' own errors
+    for these are a KeyError, a TypeError or a bare Exception from the Rust tokenizer, none naming the file).
+    """
     folder = Path(folder)
     if not (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"No vocab.json or tokenizer.json in {folder}; pass the '<model>/tokenizer' folder."
+        raise MissingModelFileError(
+            f"No vocab.json or tokenizer.json in {folder}; pass the '<model>/tokenizer' folder.", folder
         )
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    check_tokenizer_files(folder)
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # what the checks above did not foresee, still named by folder
+        raise ModelFileError(
+            f"transformers' CLIPTokenizer cannot read this tokenizer: {describe(e)}", folder
+        ) from e
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Check the files of a CLIP tokenizer folder that are present; raise a ModelFileError naming a bad one."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            _check_token_settings(read_config_json(folder / name), folder / name)
+    if (folder / "added_tokens.json").is_file():
+        added = read_config_json(folder / "added_tokens.json")
+        _check_ids(added, folder / "added_tokens.json", "added token")
+    vocab = None
+    if (folder / "vocab.json").is_file():
+        vocab = read_config_json(folder / "vocab.json")
+        if not vocab:
+            raise ModelFileError(
+                "holds no tokens ({}); a CLIP vocabulary maps each token to its id", folder / "vocab.json"
+            )
+        _check_ids(vocab, folder / "vocab.json", "token")
+    if (folder / "merges.txt").is_file():
+        _check_merges(folder / "merges.txt", vocab)
+    elif vocab is not None and not (folder / "tokenizer.json").is_file():
+        raise MissingModelFileError(
+            "is missing: a CLIP tokenizer needs merges.txt next to vocab.json (or a tokenizer.json)",
+            folder / "merges.txt",
+        )
+    if (folder / "tokenizer.json").is_file():
+        data = read_config_json(folder / "tokenizer.json")
+        if not isinstance(data.get("model"), dict):
+            raise ModelFileError(
+                "has no `model` object; a tokenizers-library tokenizer.json describes its model (BPE) there",
+                folder / "tokenizer.json",
+            )
+        if not isinstance(data.get("added_tokens", []), list):
+            raise ModelFileError("`added_tokens` must be a list", folder / "tokenizer.json")
+
+
+_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _check_token_settings(data: dict, path: Path) -> None:
+    for key in _TOKEN_FIELDS:
+        value = data.get(key)
+        if value is not None and not isinstance(value, (str, dict)):
+            raise ModelFileError(f"`{key}` must be a token string, got {value!r:.80}", path)
+    length = data.get("model_max_length")
+    if length is not None and (
+        isinstance(length, bool) or not isinstance(length, (int, float)) or length < 1
+    ):
+        raise ModelFileError(f"`model_max_length` must be a positive number, got {length!r:.80}", path)
+    added = data.get("added_tokens_decoder")
+    if added is not None and not isinstance(added, dict):
+        raise ModelFileError(f"`added_tokens_decoder` must be an object, got {added!r:.80}", path)
+
+
+def _check_ids(mapping: dict, path: Path, what: str) -> None:
+    for token, index in mapping.items():
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ModelFileError(
+                f"maps the {what} {token!r:.40} to {index!r:.40}; every {what} must map to a non-negative integer id",
+                path,
+            )
+
+
+def _check_merges(path: Path, vocab: dict | None) -> None:
+    """merges.txt: an optional `#version` line, then one `left right` pair per line, each part (and the merged
+    token) in the vocabulary, which is how the tokenizers library reads it."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(
+            f"is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})", path
+        ) from None
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise ModelFileError(
+                f"line {number} is {line!r:.60}; each line after '#version' must be two tokens separated by "
+                "one space (a BPE merge)",
+                path,
+            )
+        if vocab is not None:
+            missing = [t for t in (*parts, "".join(parts)) if t not in vocab]
+            if missing:
+                raise ModelFileError(
+                    f"line {number} ({line!r:.60}) merges tokens that vocab.json does not have: {missing}",
+                    path,
+                )
 
 
 def final_layer_norm(text_encoder: nn.Module) -> nn.Module:

@@ -242,13 +242,21 @@ class LCMScheduler:
     def from_pretrained(
         cls, folder: str | os.PathLike, subfolder: str | None = None, **overrides: Any
     ) -> LCMScheduler:
-        """Load `scheduler_config.json` from a local folder (or its `subfolder`, e.g. "scheduler")."""
+        """Load `scheduler_config.json` from a local folder (or its `subfolder`, e.g. "scheduler").
+
+        Anything wrong with the file (missing, not a JSON object, no settings, a value this scheduler refuses)
+        raises a `ModelFileError` naming it.
+        """
+        from lcmkit.config import read_config_json, require_settings
+        from lcmkit.loading.errors import ModelFileError, one_line
+
         path = Path(folder, subfolder or "", CONFIG_NAME)
-        if not path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} found at {path}.")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        return cls.from_config(config, **overrides)
+        config = require_settings(read_config_json(path), path, "scheduler")
+        try:
+            scheduler = cls.from_config(config)
+        except (TypeError, ValueError, NotImplementedError) as e:  # the file's values, refused by name
+            raise ModelFileError(one_line(str(e)), path) from e
+        return cls.from_config(config, **overrides) if overrides else scheduler  # the caller's values: theirs
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `scheduler_config.json` in the diffusers layout, so `diffusers.LCMScheduler` can load it."""
