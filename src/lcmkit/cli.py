@@ -1,21 +1,30 @@
 """The `lcmkit` command line: `generate`, `img2img`, `demo`, `serve` and `distill`.
 
-Thin on purpose: arguments (or the lines of a prompts file) become `GenerationRequest`s and `run_request` does the
-work, as it does for the HTTP server, so a PNG made here carries the same AUTOMATIC1111 infotext as one made there.
-`distill` likewise only fills a `DistillConfig` for `lcmkit.train.distill.distill`.
-Heavy imports (torch, the pipelines) wait until a command needs them, so usage errors come back at once.
+Thin on purpose: the model options become one `ModelSpec` (`lcmkit.spec`, shared with `lcmkit serve`), arguments (or
+the lines of a prompts file) become `GenerationRequest`s, and `run_request` does the work, as it does for the HTTP
+server, so a PNG made here carries the same AUTOMATIC1111 infotext as one made there. `distill` likewise only fills
+a `DistillConfig` for `lcmkit.train.distill.distill`.
+
+Every input mistake (options, the prompts file, --out, the model spec) is found before a model loads, and comes
+back as one `lcmkit: error:` line, exit status 2. Heavy imports (torch, the pipelines) wait until a command needs
+them, so those errors come back at once. Stdout lists what was written, one image a line (`PATH<TAB>seed N`);
+progress, notes and errors go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,26 +36,61 @@ from lcmkit.request import (
     parse_int,
     parse_seed,
     parse_size,
+    resolve_seeds,
+)
+from lcmkit.spec import (
+    DEFAULT_MODEL,
+    DTYPES,
+    FREEU_SD15,
+    OPENVINO_PRECISIONS,
+    ModelSpec,
+    SpecError,
+    check_runtime,
+    fetch,
+    load_pipeline,
 )
 
 if TYPE_CHECKING:
     import PIL.Image
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-lcm"
-"""Where the trained tiny model ships; used when `--model` is not given, once this folder exists."""
-FREEU_SD15 = (0.9, 0.2, 1.5, 1.6)  # s1, s2, b1, b2 recommended for SD1.5 by the FreeU authors
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-# lcmkit.accel.per_shape.DATA_FREE_PRECISIONS, named here so that the parser does not import torch
-OPENVINO_PRECISIONS = ("fp32", "int8-weights")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+__all__ = [
+    "DEFAULT_MODEL",
+    "FREEU_SD15",
+    "OPENVINO_PRECISIONS",
+    "main",
+]  # the model constants live in lcmkit.spec
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEMO_PROMPT = "a red circle on a blue background"
 
-Item = tuple[GenerationRequest, "Path | None"]  # a request and the path of its init image, loaded when run
+
+@dataclass
+class Item:
+    """One prompt to run: its request (seed already decided), its init image (loaded when it runs) and, in a
+    --prompts batch, where it came from (`file:line`), so a failure can say which line failed."""
+
+    request: GenerationRequest
+    image: Path | None = None
+    where: str | None = None
 
 
 class CliError(Exception):
     """A mistake in what the user typed or pointed at: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+class BatchError(CliError):
+    """A --prompts line that failed while running (the model was fine with the others): exit status 1."""
+
+    exit_code = 1
+
+
+class BatchFailed(BatchError):
+    """--keep-going ran every line and some failed: the summary lists them, one `file:line: message` a line."""
+
+    def __init__(self, failures: list[str], total: int) -> None:
+        lines = "\n".join(f"  {f}" for f in failures)
+        super().__init__(f"{len(failures)} of {total} prompts failed:\n{lines}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +98,17 @@ class _Parser(argparse.ArgumentParser):
         """One line instead of argparse's usage block, in the same `lcmkit: error:` form as every other error."""
         print(f"lcmkit: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows `(default: X)` after every option that has a default (not for switches that are off, or None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default in ("", [])
+        if unset or not action.option_strings or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 # Values (more in lcmkit.request): each parser raises a ValueError that says what is allowed ------------
@@ -111,11 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", help="a diffusers folder, a .safetensors/.ckpt file or a hub id owner/name")
+    model.add_argument("--model", help="a diffusers folder, a .safetensors/.ckpt file or a hub id owner/name "
+                       f"(default: the tiny model shipped with lcmkit, {DEFAULT_MODEL.name})")  # fmt: skip
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)"
+    )
+    where.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="auto: float16 on CUDA, float32 elsewhere")  # fmt: skip
     pipe = argparse.ArgumentParser(add_help=False)
     add = pipe.add_argument
     add("--lora", action="append", default=[], type=_arg(parse_lora), metavar="PATH[:WEIGHT]",
-        help="load a LoRA (file or hub id), weight 1 by default; repeatable")  # fmt: skip
+        help="load a LoRA (file, folder or hub id), weight 1 by default; repeatable")  # fmt: skip
     add("--freeu", nargs="?", const=FREEU_SD15, type=_arg(parse_freeu), metavar="S1,S2,B1,B2",
         help="enable FreeU; without values the SD1.5 ones 0.9,0.2,1.5,1.6")  # fmt: skip
     add("--vae-tiling", action="store_true", help="decode in tiles (large images, less memory)")
@@ -130,16 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
         "in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]")  # fmt: skip
     gen = argparse.ArgumentParser(add_help=False)
     add = gen.add_argument
-    add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps (default 4)")
-    add("--guidance", type=_arg(parse_float, "--guidance"), default=8.5, help="guidance scale (default 8.5)")
-    add("--seed", type=_arg(parse_seed), default=None, help="default (or -1): random; image i uses seed+i")
+    add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps")
+    add("--guidance", type=_arg(parse_float, "--guidance"), default=8.5, help="guidance scale")
+    add("--seed", type=_arg(parse_seed), default=None,
+        help="default (or -1): random; image i uses seed+i; printed next to each image's path")  # fmt: skip
     add(
         "--size", type=_arg(parse_size), metavar="WxH", help="multiples of 8; default: the model's or image's"
     )
     add("-n", type=_arg(parse_int, "-n", 1), default=1, help="images per prompt")
     add("--negative", default="", help="negative prompt (only for pipelines that take one)")
-    add("--out", default="out", help="output folder; existing files are never overwritten")
-    add("--quiet", action="store_true", help="no progress bars")
+    add(
+        "--out", default="out", help="output folder, created if missing; existing files are never overwritten"
+    )
+    add("--quiet", action="store_true",
+        help="no progress bars, notes or warnings on stderr (errors still print); stdout still lists the images")  # fmt: skip
     batch = argparse.ArgumentParser(add_help=False)
     add = batch.add_argument
     add("--strength", type=_arg(parse_float, "--strength", 0.0, 1.0), default=0.8,
@@ -148,44 +214,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch: one prompt per line (# comments), or a .jsonl file of objects with keys prompt, "
         "negative_prompt, steps, guidance, seed, size or width/height, n, strength, image (relative to "
         "the file's folder); keys override the options")  # fmt: skip
+    add("--keep-going", action="store_true",
+        help="batch: when a line fails, go on with the others and list the failures at the end (exit status 1); "
+        "without it the batch stops at the first failure, naming its file:line")  # fmt: skip
 
-    parser = _Parser(prog="lcmkit", description="Latent Consistency Model image generation in a few steps")
+    parser = _Parser(prog="lcmkit", description="Latent Consistency Model image generation in a few steps",
+                     formatter_class=_HelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("generate", parents=[common, model, pipe, gen, batch], help="text to image")
+    run = [common, model, where, pipe, gen, batch]
+    p = sub.add_parser("generate", parents=run, formatter_class=_HelpFormatter, help="text to image")
     p.add_argument("prompt", nargs="?", help="the prompt (leave out with --prompts)")
-    p = sub.add_parser("img2img", parents=[common, model, pipe, gen, batch], help="image to image")
+    p = sub.add_parser("img2img", parents=run, formatter_class=_HelpFormatter, help="image to image")
     p.add_argument("image", type=Path, help="the input image (also the default image of a --prompts batch)")
     p.add_argument("prompt", nargs="?", help="the prompt (leave out with --prompts)")
-    p = sub.add_parser("demo", parents=[common, gen], help="offline smoke run on a tiny RANDOM model (noise)")
-    p.set_defaults(
-        model=None,
-        lora=[],
-        freeu=None,
-        vae_tiling=False,
-        tiny_vae=None,
-        openvino=None,
-        strength=0.8,
-        prompts=None,
-    )
-    p = sub.add_parser("serve", parents=[common, model], help="the HTTP server and web page")
-    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=_arg(parse_int, "--port", 1, 65535), default=7860)
-    p.add_argument("--device", help="cuda, cpu, ...; default: the server's choice")
+    p = sub.add_parser("demo", parents=[common, where, gen], formatter_class=_HelpFormatter,
+                       help="offline smoke run on a tiny RANDOM model (noise)")  # fmt: skip
+    p.set_defaults(prompts=None, strength=0.8, keep_going=False)
+    p = sub.add_parser("serve", parents=[common, model, where, pipe], formatter_class=_HelpFormatter,
+                       help="the HTTP server and web page",
+                       description="Serve the OpenAI images API, the AUTOMATIC1111 API and a web page. The model "
+                       "options are the ones `generate` takes; the model loads in the background while /health "
+                       "answers, and a bad model option fails before the server listens.")  # fmt: skip
     p.add_argument(
-        "--tiny-vae", metavar="FOLDER", help="fast mode: decode with a tiny VAE (AutoencoderTiny folder)"
+        "--host", default="127.0.0.1", help="the address to listen on; the default is this machine only"
     )
-    p.add_argument("--openvino", choices=OPENVINO_PRECISIONS, metavar="PRECISION",
-                   help="fast mode: the UNet and the VAE decoder (not a --tiny-vae) through OpenVINO (CPU "
-                   "only): fp32 or int8-weights")  # fmt: skip
+    p.add_argument(
+        "--port", type=_arg(parse_int, "--port", 1, 65535), default=7860, help="the port to listen on"
+    )
     p.add_argument("--api-key", default=None, help="require this key; default: $LCMKIT_API_KEY if set")
     p.add_argument("--limit", action="append", default=[], type=_arg(parse_limit), metavar="NAME=VALUE",
                    help="a server limit such as max_steps=8; repeatable")  # fmt: skip
+    p.add_argument("--unsupported", choices=("refuse", "warn"), default="refuse",
+                   help="request settings the server cannot honour (A1111 hires fix, OpenAI style, unknown "
+                   "fields...): refuse them with 400, or run without them and list them in the reply's warnings")  # fmt: skip
     add_distill_parser(sub, common)
     return parser
 
 
 def add_distill_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("distill", parents=[common], help="distil a Stable Diffusion teacher into an LCM or LCM-LoRA",
+    p = sub.add_parser("distill", parents=[common], formatter_class=_HelpFormatter,
+                       help="distil a Stable Diffusion teacher into an LCM or LCM-LoRA",
                        description="Latent consistency distillation. Without --lora-rank: a full LCM pipeline "
                        "folder at --out. With it: an LCM-LoRA, --out/pytorch_lora_weights.safetensors. Checkpoints "
                        "and the loss log go to --out/train.")  # fmt: skip
@@ -194,29 +262,37 @@ def add_distill_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add("--out", required=True, metavar="DIR", help="output folder; must be new or empty unless --resume")
     add("--data", metavar="FOLDER_OR_JSONL",
         help="images with same-named .txt captions, or a .jsonl file; default: the built-in synthetic world")  # fmt: skip
-    add("--steps", type=_arg(parse_int, "--steps", 1), default=1000, metavar="N", help="default 1000")
-    add("--batch-size", type=_arg(parse_int, "--batch-size", 1), default=8, metavar="N", help="default 8")
-    add("--lr", type=_arg(parse_float, "--lr", 0.0, 1.0), default=1e-4, metavar="X", help="default 1e-4")
+    add("--steps", type=_arg(parse_int, "--steps", 1), default=1000, metavar="N", help="training steps")
+    add(
+        "--batch-size",
+        type=_arg(parse_int, "--batch-size", 1),
+        default=8,
+        metavar="N",
+        help="images per step",
+    )
+    add("--lr", type=_arg(parse_float, "--lr", 0.0, 1.0), default=1e-4, metavar="X", help="learning rate")
     add("--w-min", type=_arg(parse_float, "--w-min"), default=5.0, metavar="W",
-        help="guidance scale range, paper form w = guidance_scale - 1 (default 5)")  # fmt: skip
-    add("--w-max", type=_arg(parse_float, "--w-max"), default=15.0, metavar="W", help="default 15")
+        help="guidance scale range, paper form w = guidance_scale - 1")  # fmt: skip
+    add(
+        "--w-max", type=_arg(parse_float, "--w-max"), default=15.0, metavar="W", help="upper end of the range"
+    )
     add("--noise-offset", type=_arg(parse_float, "--noise-offset"), default=0.0, metavar="X",
-        help="offset noise in the forward process, as the teacher was trained with (default 0: none, as for "
+        help="offset noise in the forward process, as the teacher was trained with (0: none, as for "
         "Stable Diffusion; lcmkit's tiny teacher: 0.2)")  # fmt: skip
     add("--num-ddim-timesteps", type=_arg(parse_int, "--num-ddim-timesteps", 1, 1000), default=50, metavar="N",
-        help="solver grid, the LCM scheduler's original_inference_steps (default 50)")  # fmt: skip
+        help="solver grid, the LCM scheduler's original_inference_steps")  # fmt: skip
     add("--lora-rank", type=_arg(parse_int, "--lora-rank", 1), default=None, metavar="R",
         help="train an LCM-LoRA of this rank (64 in the LCM-LoRA paper) instead of a full LCM")  # fmt: skip
     add("--lora-alpha", type=_arg(parse_float, "--lora-alpha", 0.0, 1e6), default=None, metavar="A",
         help="LoRA scale is alpha / rank (default alpha: the rank)")  # fmt: skip
     add("--lora-targets", default=None, metavar="PRESET_OR_NAMES",
-        help="lcm (default: attention, feed-forward, resnet convs, resamplers, time projections), attention "
+        help="lcm (the default: attention, feed-forward, resnet convs, resamplers, time projections), attention "
         "(to_q,to_k,to_v,to_out.0) or comma-separated module-name suffixes")  # fmt: skip
     add("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    add("--seed", type=_arg(parse_int, "--seed", 0), default=0, metavar="N", help="default 0")
-    add("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="default no (float32)")
+    add("--seed", type=_arg(parse_int, "--seed", 0), default=0, metavar="N", help="random seed of the run")
+    add("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="no: float32")
     add("--checkpoint-every", type=_arg(parse_int, "--checkpoint-every", 1), default=500, metavar="N",
-        help="default 500; the last step always saves one")  # fmt: skip
+        help="steps between checkpoints; the last step always saves one")  # fmt: skip
     add("--quiet", action="store_true", help="no progress bar")
 
 
@@ -245,7 +321,7 @@ def json_item(line: str, args: argparse.Namespace, image: Path | None, folder: P
         if not isinstance(obj["image"], str):
             raise ValueError('"image" must be a path string')
         image = folder / Path(obj.pop("image")).expanduser()
-    return apply_options(base_request(args, ""), obj), image
+    return Item(apply_options(base_request(args, ""), obj), image)
 
 
 def read_prompts(path: Path, args: argparse.Namespace, image: Path | None) -> list[Item]:
@@ -261,8 +337,10 @@ def read_prompts(path: Path, args: argparse.Namespace, image: Path | None) -> li
         if not line or (not jsonl and line.startswith("#")):
             continue
         try:
-            item = json_item(line, args, image, path.parent) if jsonl else (base_request(args, line), image)
-            items.append(_check_image(item))
+            item = (
+                json_item(line, args, image, path.parent) if jsonl else Item(base_request(args, line), image)
+            )
+            items.append(_checked(replace(item, where=f"{path}:{lineno}")))
         except ValueError as e:
             raise CliError(f"{path}:{lineno}: {e}") from e
     if not items:
@@ -270,9 +348,12 @@ def read_prompts(path: Path, args: argparse.Namespace, image: Path | None) -> li
     return items
 
 
-def _check_image(item: Item) -> Item:
-    if item[1] is not None and not item[1].is_file():
-        raise ValueError(f"input image not found: {item[1]}")
+def _checked(item: Item) -> Item:
+    """The item with its seed decided (`resolve_seeds`, so it can be printed and reused) and its image found."""
+    req = item.request
+    item.request = replace(req, seed=resolve_seeds(req.seed, req.num_images)[0])
+    if item.image is not None and not item.image.is_file():
+        raise ValueError(f"input image not found: {item.image}")
     return item
 
 
@@ -285,9 +366,35 @@ def collect_items(args: argparse.Namespace) -> list[Item]:
     if not args.prompt:
         raise CliError("no prompt: give a PROMPT, or --prompts FILE for a batch")
     try:
-        return [_check_image((base_request(args, args.prompt), image))]
+        return [_checked(Item(base_request(args, args.prompt), image))]
     except ValueError as e:
         raise CliError(str(e)) from None
+
+
+def check_out(text: str) -> Path:
+    """--out as a folder that can be written, checked before any model loads. Nothing is created here: a folder
+    that does not exist yet is made when the first image is saved."""
+    out = Path(text).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {text}: is a file, not a folder; pass a folder (it is created if missing)")
+    nearest = out
+    while not nearest.exists():  # the folder that exists now, under which --out would be made
+        if nearest.is_symlink():
+            raise CliError(f"--out {text}: {nearest} is a link to nothing; pass another folder")
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise CliError(f"--out {text}: {nearest} is a file, so no folder can be made under it; pass a folder")
+    try:
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise PermissionError("permission denied")
+        with tempfile.TemporaryFile(dir=nearest):  # also catches read-only file systems, and root's limits
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CliError(
+            f"--out {text}: cannot write in {nearest} ({reason}); pass a folder you can write to"
+        ) from None
+    return out
 
 
 def load_image(path: Path, size: tuple[int | None, int | None]) -> PIL.Image.Image:
@@ -306,18 +413,21 @@ def load_image(path: Path, size: tuple[int | None, int | None]) -> PIL.Image.Ima
 # Model -----------------------------------------------------------------------------------------------------
 
 
-def resolve_model(model: str | None) -> str:
-    if model:
-        return model
-    if DEFAULT_MODEL.is_dir():
-        return str(DEFAULT_MODEL)
-    raise CliError(
-        "no model: pass --model PATH_OR_HUB_ID (a diffusers folder, a .safetensors/.ckpt file or owner/name), "
-        "or run `lcmkit demo` for an offline smoke test"
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The model options as a `ModelSpec` (the one `lcmkit serve` builds too); mistakes are `SpecError`s."""
+    return ModelSpec(
+        model=args.model,
+        loras=tuple(args.lora),
+        tiny_vae=args.tiny_vae,
+        freeu=args.freeu,
+        vae_tiling=args.vae_tiling,
+        openvino=args.openvino,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
-def _quiet_transformers(debug: bool) -> None:
+def _quiet_libraries(debug: bool) -> None:
     """transformers has its own bars (weight loading) and import-time notes about backends we do not use."""
     import transformers
 
@@ -326,61 +436,15 @@ def _quiet_transformers(debug: bool) -> None:
         transformers.logging.set_verbosity_error()
 
 
-def load_tiny_vae(folder: str, dtype: Any) -> Any:
-    """An `AutoencoderTiny` folder (TAESD layout) to decode with, in the pipeline's dtype."""
-    if not Path(folder).is_dir():
-        raise CliError(f"--tiny-vae {folder}: not a folder (pass an AutoencoderTiny folder with config.json)")
-    from lcmkit.models.tiny_vae import AutoencoderTiny
-
-    return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)
-
-
-def load_pipeline(args: argparse.Namespace) -> tuple[Any, str]:
-    """The pipeline with its LoRAs and switches applied, and the model name written into the infotext."""
-    if args.openvino and args.freeu:
-        raise CliError("--freeu cannot be combined with --openvino (FreeU's FFT does not convert); drop one")
-    model = resolve_model(args.model)
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise CliError(
-            f"--model {model}: a model file must be a .safetensors or .ckpt single-file checkpoint"
-        )
-    if not path.exists() and (not HUB_ID.fullmatch(model) or model.lower().endswith(SINGLE_FILE_SUFFIXES)):
-        raise CliError(f"--model {model}: no such folder or file, and not a hub id like owner/name")
-    _quiet_transformers(args.debug)
-    from lcmkit import LatentConsistencyModelPipeline
-
-    if path.is_file():
-        pipe, name = LatentConsistencyModelPipeline.from_single_file(str(path)), path.stem
-    else:
-        pipe = LatentConsistencyModelPipeline.from_pretrained(str(path) if path.exists() else model)
-        name = path.name if path.exists() else model
+def load(spec: ModelSpec, args: argparse.Namespace) -> tuple[Any, str]:
+    """`load_pipeline(spec)` with the CLI's output settings. A hub id is looked up first, before torch and
+    transformers are imported, so a machine without network fails within a second or two."""
+    check_runtime(spec)
+    spec = fetch(spec)
+    _quiet_libraries(args.debug)
+    pipe, name = load_pipeline(spec)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
-    if args.tiny_vae:
-        pipe.vae = load_tiny_vae(args.tiny_vae, pipe.dtype)
-    if args.vae_tiling:
-        pipe.enable_vae_tiling()
-    if args.freeu:
-        pipe.enable_freeu(*args.freeu)
-    if args.lora:
-        names = [f"lora{i}" for i in range(len(args.lora))]
-        for adapter, (source, _) in zip(names, args.lora, strict=True):
-            pipe.load_lora_weights(source, adapter_name=adapter)
-        pipe.set_adapters(names, [weight for _, weight in args.lora])
-    if args.openvino:
-        install_openvino(pipe, args.openvino)
     return pipe, name
-
-
-def install_openvino(pipe: Any, precision: str) -> None:
-    """--openvino: the UNet (LoRAs baked in at their weights, so after they are set) and the full VAE's decoder
-    through OpenVINO. A tiny VAE stays eager: it is already cheap, and it is not an AutoencoderKL."""
-    try:
-        from lcmkit.accel import use_openvino
-
-        use_openvino(pipe, precision)
-    except (ImportError, ValueError) as e:
-        raise CliError(f"--openvino {precision}: {e}") from None
 
 
 # Output ----------------------------------------------------------------------------------------------------
@@ -416,21 +480,50 @@ def save_png(image: PIL.Image.Image, folder: Path, stem: str, parameters: str) -
         return path
 
 
-def run_items(pipe: Any, model_name: str, items: list[Item], args: argparse.Namespace) -> list[Path]:
+def run_item(pipe: Any, model_name: str, item: Item, out: Path) -> list[Path]:
+    """Generate one item's images and save them; prints `PATH<TAB>seed N` for each as soon as it is written."""
     from tqdm import tqdm
 
     from lcmkit.request import run_request
 
-    batch = args.prompts is not None
+    req = item.request
+    if item.image is not None:
+        req = replace(req, init_image=load_image(item.image, (req.width, req.height)))
     paths = []
-    for req, image in tqdm(items, desc="batch", unit="prompt", disable=args.quiet or not batch):
-        if image is not None:
-            req.init_image = load_image(image, (req.width, req.height))
-        for result in run_request(pipe, req, model_name=model_name):
-            path = save_png(result.image, Path(args.out), slug(req.prompt), result.infotext)
-            tqdm.write(str(path), file=sys.stdout)
-            paths.append(path)
-        req.init_image = None  # let a long batch free each input image
+    for result in run_request(pipe, req, model_name=model_name):
+        path = save_png(result.image, out, slug(req.prompt), result.infotext)
+        tqdm.write(f"{path}\tseed {result.seed}", file=sys.stdout)
+        paths.append(path)
+    return paths
+
+
+def run_items(
+    pipe: Any, model_name: str, items: list[Item], args: argparse.Namespace, out: Path
+) -> list[Path]:
+    """Run every item. A failing --prompts line is named by file:line; with --keep-going the others still run
+    and `BatchFailed` lists the failures at the end. Images already written stay either way."""
+    from tqdm import tqdm
+
+    paths: list[Path] = []
+    failures: list[str] = []
+    bar = tqdm(items, desc="batch", unit="prompt", disable=args.quiet or args.prompts is None)
+    for done, item in enumerate(bar):
+        try:
+            paths += run_item(pipe, model_name, item, out)
+        except Exception as e:
+            if item.where is None:
+                raise
+            if args.debug:
+                traceback.print_exc()
+            message = f"{item.where}: {_one_line(e)}"
+            if not args.keep_going:
+                raise BatchError(
+                    f"{message} (stopped there: {done} of {len(items)} prompts done; --keep-going runs the rest)"
+                ) from e
+            failures.append(message)
+            tqdm.write(f"lcmkit: error: {message} (going on: --keep-going)", file=sys.stderr)
+    if failures:
+        raise BatchFailed(failures, len(items))
     return paths
 
 
@@ -438,42 +531,67 @@ def run_items(pipe: Any, model_name: str, items: list[Item], args: argparse.Name
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    items = collect_items(args)  # before the model loads: input mistakes cost nothing
-    pipe, name = load_pipeline(args)
-    run_items(pipe, name, items, args)
+    # every input mistake before the model loads: they cost nothing then
+    out = check_out(args.out)
+    items = collect_items(args)
+    spec = model_spec(args)
+    pipe, name = load(spec, args)
+    run_items(pipe, name, items, args, out)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lcmkit.tiny import build_tiny_lcm
 
-    folder = Path(args.out) / "tiny-lcm"
-    _quiet_transformers(args.debug)
+    out = check_out(args.out)
+    try:
+        items = [_checked(Item(base_request(args, DEMO_PROMPT)))]
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    folder = out / "tiny-lcm"
+    _quiet_libraries(args.debug)
     if not (folder / "model_index.json").is_file():
         build_tiny_lcm(folder)
-    note = "has RANDOM weights, so the image is NOISE; it only shows that the pipeline runs. Use --model for real ones"
-    print(f"lcmkit: demo: {folder} {note}", file=sys.stderr)
-    args.model = str(folder)
-    pipe, _ = load_pipeline(args)
-    run_items(pipe, "tiny-random-noise", [(base_request(args, DEMO_PROMPT), None)], args)
+    if not args.quiet:
+        note = "has RANDOM weights, so the image is NOISE; it only shows that the pipeline runs. Use --model for real ones"
+        print(f"lcmkit: demo: {folder} {note}", file=sys.stderr)
+    spec = ModelSpec(model=str(folder), device=args.device, dtype=args.dtype, name="tiny-random-noise")
+    pipe, name = load(spec, args)
+    run_items(pipe, name, items, args, out)
     return 0
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`Settings` fields for `lcmkit.server.serve` from the serve options (--limit NAME=VALUE, ...), checked here
+    so that a wrong one is a usage error (exit status 2) like every other."""
+    from dataclasses import fields
+
+    from lcmkit.server.jobs import Settings  # no web framework behind this import
+
+    options = dict(args.limit)
+    allowed = sorted(
+        {f.name for f in fields(Settings)} - {"api_key", "model_name", "vae_name", "unsupported"}
+    )
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise CliError(f"--limit {unknown[0]}: not a server limit; allowed: {', '.join(allowed)}")
+    options["unsupported"] = getattr(args, "unsupported", "refuse")
+    try:
+        Settings(**options)
+    except ValueError as e:
+        raise CliError(f"--limit: {e}") from None
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lcmkit import server  # its lazy `serve` turns a missing fastapi/uvicorn into one clear ImportError
 
-    model = args.model or (str(DEFAULT_MODEL) if DEFAULT_MODEL.is_dir() else None)  # None: the server's demo
+    spec = model_spec(args)
+    options = server_options(args)
+    check_runtime(spec)
     key = args.api_key or os.environ.get("LCMKIT_API_KEY") or None
-    server.serve(
-        model,
-        host=args.host,
-        port=args.port,
-        api_key=key,
-        device=args.device,
-        tiny_vae=args.tiny_vae,
-        openvino=args.openvino,
-        **dict(args.limit),
-    )
+    _quiet_libraries(args.debug)
+    server.serve(spec, host=args.host, port=args.port, api_key=key, **options)
     return 0
 
 
@@ -516,7 +634,7 @@ def check_distill_args(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     teacher, out = check_distill_args(args)
-    _quiet_transformers(args.debug)
+    _quiet_libraries(args.debug)
     from lcmkit.train.distill import DistillConfig, distill
     from lcmkit.train.distill_lora import LORA_WEIGHT_NAME, resolve_targets
     from lcmkit.train.loop import LoopConfig
@@ -557,22 +675,56 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+@contextlib.contextmanager
+def _output_settings(args: argparse.Namespace) -> Iterator[None]:
+    """Logging for one run: warnings on stderr, lcmkit's debug logs with --debug, and with --quiet nothing below
+    an error, from lcmkit, transformers, huggingface_hub, torch or Python's warnings module. Levels and filters
+    are put back afterwards, so `main` can run in one process many times (the tests do)."""
+    import huggingface_hub.utils.logging  # noqa: F401  (configures its logger now: the level below then holds)
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = getattr(args, "quiet", False) and not args.debug
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    names = ("", "lcmkit", "transformers", "huggingface_hub", "torch", "py.warnings")
+    saved = {name: logging.getLogger(name).level for name in names}
+    bars_were_off = are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        if args.debug:
+            logging.getLogger("lcmkit").setLevel(logging.DEBUG)
+        if quiet:
+            for name in names:
+                logging.getLogger(name).setLevel(logging.ERROR)
+            warnings.simplefilter("ignore")
+            disable_progress_bars()
+        try:
+            yield
+        finally:
+            for name, level in saved.items():
+                logging.getLogger(name).setLevel(level)
+            if quiet and not bars_were_off:
+                enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 other failures, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok; 2 bad input, found before any model loads; 1 other failures,
+    including --prompts lines that failed while running; 130 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.debug:
-        logging.getLogger("lcmkit").setLevel(logging.DEBUG)
-    try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("lcmkit: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"lcmkit: error: {_one_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, CliError) else 1
+    with _output_settings(args):
+        try:
+            return COMMANDS[args.command](args)
+        except KeyboardInterrupt:
+            print("lcmkit: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if args.debug and not isinstance(
+                e, BatchError
+            ):  # a batch line's traceback was printed when it failed
+                traceback.print_exc()
+            text = str(e) if isinstance(e, BatchFailed) else _one_line(e)
+            print(f"lcmkit: error: {text}", file=sys.stderr)
+            if isinstance(e, CliError):
+                return e.exit_code
+            return 2 if isinstance(e, SpecError) else 1

@@ -50,12 +50,32 @@ class GeneratedImage:
     infotext: str
 
 
+def resolve_seeds(seed: int | None, count: int = 1) -> list[int]:
+    """The seeds of `count` images: `seed, seed + 1, ...` (the A1111 convention), from a random start when `seed`
+    is None or negative (A1111 sends -1).
+
+    This is the one place seeds are decided (the CLI, `run_request` and the server's worker all call it), so every
+    seed written into an infotext is one that A1111 and lcmkit accept back: all of them stay within
+    0..MAX_SEED, a random start leaves room for the whole run, and a given start that does not is refused.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"the number of images must be a positive integer, got {count!r}")
+    if count - 1 > MAX_SEED:
+        raise ValueError(f"at most {MAX_SEED + 1} images can have distinct seeds, got {count}")
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
+        start = random.randint(0, MAX_SEED - count + 1)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or seed + count - 1 > MAX_SEED:
+        last = MAX_SEED - count + 1
+        what = "" if count == 1 else f" for {count} images (image i uses seed + i)"
+        raise ValueError(f"seed must be an integer between -1 (random) and {last}{what}, got {seed!r}")
+    else:
+        start = seed
+    return list(range(start, start + count))
+
+
 def resolve_seed(seed: int | None) -> int:
-    if seed is None or seed < 0:
-        return random.randint(0, MAX_SEED)
-    if seed > MAX_SEED:
-        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
-    return seed
+    """One image's seed; see `resolve_seeds`."""
+    return resolve_seeds(seed, 1)[0]
 
 
 # Option values from untyped sources (command line strings, JSON lines). Each parser raises a ValueError that says
@@ -161,6 +181,8 @@ def infotext(
         params.append(("Model", model_name))
     if req.is_img2img:
         params.append(("Denoising strength", _num(req.strength)))
+    if req.extra.get("clip_skip"):  # A1111 counts the last layer as 1: diffusers' clip_skip k is its k + 1
+        params.append(("Clip skip", req.extra["clip_skip"] + 1))
     params.append(("Version", f"lcmkit {__version__}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in params))
     return "\n".join(lines)
@@ -179,8 +201,7 @@ def run_request(
     """Run `req` on a text-to-image pipeline (img2img reuses its components through `from_pipe`)."""
     import torch
 
-    seed = resolve_seed(req.seed)
-    seeds = [seed + i for i in range(req.num_images)]
+    seeds = resolve_seeds(req.seed, req.num_images)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     kwargs: dict[str, Any] = dict(
         num_inference_steps=req.steps,

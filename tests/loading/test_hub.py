@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -293,11 +295,18 @@ def test_online_download_asks_for_the_selected_files_at_one_commit(tmp_path, sd1
         calls["snapshot"] = kwargs
         return str(snapshot)
 
+    def fake_get_hf_file_metadata(url, token=None, **kwargs):  # the one look-up that tells the hub answers
+        calls["probe"] = (url, token)
+
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_hf_hub_download)
     monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", fake_list_repo_files)
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", fake_get_hf_file_metadata)
 
     assert resolve_pretrained(REPO, variant="fp16", token="hf_x", cache_dir=tmp_path / "cache") == snapshot
+    assert (
+        calls["probe"][0].endswith(f"/{REPO}/resolve/main/model_index.json") and calls["probe"][1] == "hf_x"
+    )
     assert calls["file"] == (REPO, "model_index.json", False, "hf_x")
     assert calls["list"] == (REPO, COMMIT)
     kwargs = calls["snapshot"]
@@ -340,3 +349,64 @@ def test_cache_layout_helper_matches_huggingface_hub(tmp_path, sd15):
     info = scan_cache_dir(tmp_path / "cache")
     assert [r.repo_id for r in info.repos] == [REPO] and not info.warnings
     assert [r.commit_hash for r in next(iter(info.repos)).revisions] == [COMMIT]
+
+
+# The hub unreachable: one look-up, no retries ---------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch) -> list[float]:
+    """Online mode with HF_ENDPOINT on a loopback port nothing listens on; huggingface_hub's backoff sleeps are
+    recorded instead of slept (so a retrying implementation fails fast here too). Returns the sleeps."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE", template)
+    sleeps: list[float] = []
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", sleeps.append)
+    return sleeps
+
+
+def test_unreachable_hub_fails_at_once_without_retries(tmp_path, unreachable_hub, caplog):
+    """Not cached and no hub: one ModelNotCachedError that names the endpoint and the fixes, after a single
+    request: no backoff, no warnings (huggingface_hub alone would retry 5 times over about 30 s, warning each time)."""
+    from huggingface_hub import constants
+
+    with caplog.at_level(logging.INFO), pytest.raises(ModelNotCachedError) as err:
+        resolve_pretrained(REPO, cache_dir=tmp_path / "empty")
+    message = str(err.value)
+    assert f"the hub at {constants.ENDPOINT} could not be reached" in message and "HF_ENDPOINT" in message
+    assert REPO in message and str(tmp_path / "empty") in message and f"hf download {REPO}" in message
+    assert unreachable_hub == [], "huggingface_hub backed off and retried"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_unreachable_hub_uses_the_cache(tmp_path, sd15, extras, unreachable_hub, caplog):
+    """Cached, and no hub: loads from the cache as if offline, with no retries and no warnings (the file listing
+    and the snapshot are not asked of the hub that did not answer)."""
+    snapshot = lay_out_cache(tmp_path / "cache", REPO, repo_files(sd15), listed=extras)
+    with caplog.at_level(logging.INFO):
+        assert resolve_pretrained(REPO, cache_dir=tmp_path / "cache") == snapshot
+    assert unreachable_hub == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "could not be reached" in caplog.text  # said at INFO, for --debug
+
+
+@pytest.mark.parametrize(("status", "unreachable"), [(503, True), (500, True), (404, False), (401, False)])
+def test_only_no_answer_or_a_server_error_counts_as_unreachable(status, unreachable, monkeypatch):
+    """A 404 or 401 is an answer about the repo: left to hf_hub_download, whose errors name it (repo not found,
+    gated). A 5xx means the hub cannot serve now: the cache is used at once, as for no connection."""
+    import httpx2
+    from huggingface_hub.utils import HfHubHTTPError
+
+    def answer(url, **kwargs):
+        response = httpx2.Response(status, request=httpx2.Request("HEAD", url))
+        raise HfHubHTTPError(f"{status} from the hub", response=response)
+
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", answer)
+    got = hub._unreachable(REPO, "model_index.json", None, None, None)
+    assert (got is not None) is unreachable

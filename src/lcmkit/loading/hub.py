@@ -7,17 +7,24 @@ exactly (not by glob), so an offline look-up checks just those files against hug
 
 Offline (`HF_HUB_OFFLINE=1`, `TRANSFORMERS_OFFLINE=1` or `local_files_only=True`) only the cache is read; a model
 that is not there raises `ModelNotCachedError`, which says how to get it.
+
+Online, the hub is first asked once, without retries (`_unreachable`): huggingface_hub retries a look-up whose
+file is not cached five times with backoff (about 30 s, a warning per try), so a machine without network would
+wait and print for half a minute. When that one request fails, the cache is used as if offline, and a model
+that is not cached fails at once with one `ModelNotCachedError`.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
 from collections.abc import Collection, Iterable
 from pathlib import Path, PurePosixPath
+
+from lcmkit.config import read_config_json
+from lcmkit.loading.errors import MissingModelFileError
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +39,10 @@ UNUSED_COMPONENTS = ("image_encoder",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
+PROBE_TIMEOUT_S = 4.0  # a metadata request answers in well under a second on a working link
 
 
-class ModelNotCachedError(FileNotFoundError):
+class ModelNotCachedError(MissingModelFileError):  # a FileNotFoundError as before, and a ModelFileError
     """A hub model was asked for while downloading is off, and the local cache does not have it (or not all of it)."""
 
 
@@ -157,6 +165,47 @@ def _not_cached(
     )
 
 
+def _unreachable_error(repo_id: str, cache_dir: str | None, cause: Exception) -> ModelNotCachedError:
+    from huggingface_hub import constants
+
+    where = cache_dir or constants.HF_HUB_CACHE
+    why = " ".join(str(cause).split())[:200] or type(cause).__name__
+    return ModelNotCachedError(
+        f"'{repo_id}' is not a local path, the hub model '{repo_id}' is not (completely) in the local Hugging Face "
+        f"cache ({where}), and the hub at {constants.ENDPOINT} could not be reached ({why}). To fix: check the "
+        f"network (and HF_ENDPOINT), download it once with `hf download {repo_id}`, or pass the path of a local "
+        "diffusers-layout folder"
+    )
+
+
+def _probe_timeout() -> float:
+    """Seconds the one look-up may take: HF_HUB_ETAG_TIMEOUT when set (slow links), else PROBE_TIMEOUT_S."""
+    try:
+        return float(os.environ["HF_HUB_ETAG_TIMEOUT"])
+    except (KeyError, ValueError):
+        return PROBE_TIMEOUT_S
+
+
+def _unreachable(
+    repo_id: str, filename: str, subfolder: str | None, revision: str | None, token: str | bool | None
+) -> Exception | None:
+    """Ask the hub once, without retries, for `filename`'s metadata: the error when it cannot be reached (no
+    connection, timeout, a 408/5xx answer), else None. Other answers (404, 401) are left to hf_hub_download,
+    whose errors name them."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError
+
+    url = hf_hub_url(repo_id, filename, subfolder=subfolder or None, revision=revision)
+    try:
+        get_hf_file_metadata(url, token=token, timeout=_probe_timeout())
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return e if status is None or status == 408 or status >= 500 else None
+    except Exception as e:  # connection refused, DNS, TLS, timeouts: each HTTP client names them its own way
+        return e
+    return None
+
+
 def _offline_reason(local_files_only: bool) -> str:
     if local_files_only:
         return "local_files_only=True forbids downloading"
@@ -174,6 +223,22 @@ def hub_file(
     force_download: bool = False,
 ) -> Path:
     """One file of a hub repo, from the cache or downloaded; errors say what was missing and how to fix it."""
+    return _hub_file(
+        repo_id, filename, subfolder, revision, cache_dir, local_files_only, token, force_download
+    )[0]
+
+
+def _hub_file(
+    repo_id: str,
+    filename: str,
+    subfolder: str | None,
+    revision: str | None,
+    cache_dir: str | Path | None,
+    local_files_only: bool,
+    token: str | bool | None,
+    force_download: bool,
+) -> tuple[Path, bool]:
+    """`hub_file`, and whether only the cache could be used (offline, or the hub unreachable)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import (
         EntryNotFoundError,
@@ -184,6 +249,9 @@ def hub_file(
 
     offline = is_offline(local_files_only)
     cache = _cache_dir(cache_dir)
+    down = None if offline else _unreachable(repo_id, filename, subfolder, revision, token)
+    if down is not None:
+        logger.info("the hub could not be reached (%s); looking in the local cache", down)
     try:
         path = hf_hub_download(
             repo_id,
@@ -191,11 +259,13 @@ def hub_file(
             subfolder=subfolder or None,
             revision=revision,
             cache_dir=cache,
-            local_files_only=offline,
+            local_files_only=offline or down is not None,
             token=token,
-            force_download=force_download and not offline,
+            force_download=force_download and not offline and down is None,
         )
     except LocalEntryNotFoundError as e:
+        if down is not None:
+            raise _unreachable_error(repo_id, cache, down) from e
         reason = _offline_reason(local_files_only) if offline else "the hub could not be reached"
         raise _not_cached(repo_id, reason, cache, e) from e
     except RepositoryNotFoundError as e:  # also GatedRepoError
@@ -208,7 +278,7 @@ def hub_file(
     except EntryNotFoundError as e:
         where = f"{subfolder}/{filename}" if subfolder else filename
         raise FileNotFoundError(f"hub repo '{repo_id}' has no file '{where}': {e}") from e
-    return Path(path)
+    return Path(path), offline or down is not None
 
 
 def _snapshot_root(file_in_snapshot: Path, subfolder: str | None) -> Path:
@@ -264,22 +334,14 @@ def download_pipeline(
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
-    index_file = hub_file(
-        repo_id,
-        "model_index.json",
-        subfolder=subfolder,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        force_download=force_download,
+    index_file, offline = _hub_file(
+        repo_id, "model_index.json", subfolder, revision, cache_dir, local_files_only, token, force_download
     )
     snapshot = _snapshot_root(index_file, subfolder)
     commit = snapshot.name  # pins the file list and the snapshot to the commit model_index.json came from
-    model_index = json.loads(index_file.read_text(encoding="utf-8"))
+    model_index = read_config_json(index_file)  # a JSON object, or a ModelFileError naming the file
     cache = _cache_dir(cache_dir)
-    offline = is_offline(local_files_only)
-    if offline:
+    if offline:  # offline mode, or the hub just failed to answer: the cache alone
         files = _cached_files(repo_id, commit, cache, snapshot)
     else:
         files, offline = _repo_files(repo_id, commit, token, cache, snapshot)

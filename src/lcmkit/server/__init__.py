@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"create_app": "lcmkit.server.app", "serve": "lcmkit.server.app", "Settings": "lcmkit.server.jobs"}
+_EXPORTS = {"create_app": "lcmkit.server.app", "serve": "lcmkit.server.run", "Settings": "lcmkit.server.jobs"}
 
 __all__ = sorted(_EXPORTS)
 
