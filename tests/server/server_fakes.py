@@ -56,6 +56,7 @@ class FakePipe:
         self.num_timesteps = steps
         callback = kw.get("callback_on_step_end")
         for i in range(steps):
+            self.calls[-1]["steps_run"] = i + 1  # steps begun: a stopped job shows how far it got
             if callback is not None:
                 callback(self, i, 999 - i, {})
             if i == 0 and self.gate is not None:
@@ -83,15 +84,16 @@ def tiny_pipe() -> Any:
 
 
 @contextlib.contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Run `app` under uvicorn in a thread on a free loopback port; yields the base URL."""
+def live_server(app: Any, **options: Any) -> Iterator[str]:
+    """Run `app` under uvicorn in a thread on a free loopback port; yields the base URL. `options` go to
+    `uvicorn.Config` (e.g. `lcmkit.server.app.uvicorn_options(settings)`)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the OS picks the port and we hold it: no race with other processes
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

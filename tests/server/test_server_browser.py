@@ -3,7 +3,8 @@ uvicorn on loopback serving the tiny random LCM, with an API key set.
 
 Proves that the page loads with no key and no network, sends the key it is given, generates text-to-image and
 image-to-image (an uploaded file, sent as a data: URL), shows live step progress, shows the result and adds it to
-the gallery with its parameters, and fits a 390 px phone screen without sideways scrolling. Screenshots go to
+the gallery with its parameters, and fits a 390 px phone screen without sideways scrolling (320 and 360 px, the
+gallery, cancel and /docs: test_server_page.py and test_server_docs.py). Screenshots go to
 tmp_path, and once to /tmp/lcmkit_page.png and /tmp/lcmkit_page_phone.png for people to look at.
 Chromium missing is a failure, not a skip: CI installs it with scripts/install_browser.sh.
 """
@@ -17,16 +18,14 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+from browser_support import TIMEOUT_MS, chromium
 from server_fakes import FakePipe, live_server, tiny_pipe
 
+from lcmkit.cli import build_parser
 from lcmkit.server.app import create_app
 from lcmkit.server.jobs import Settings
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-proxy-server"]  # fmt: skip
 KEY = "browser-key"
-TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +37,8 @@ def base_url():
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}; the browser test needs it: run `bash scripts/install_browser.sh` "
-            "(apt-get install chromium) as root"
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the `playwright` Python package is missing: pip install -e '.[dev]'")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield browser
-        browser.close()
+    with chromium() as b:
+        yield b
 
 
 def generate(page, prompt: str) -> None:
@@ -100,8 +88,9 @@ def test_page_generates_and_fills_gallery(browser, base_url: str, tmp_path: Path
     page.fill("#height", "")
     generate(page, "a blue square")
     assert page.locator("#gallery li").count() == 2
-    assert "Denoising strength: 0.75" in page.inner_text("#result-info")
-    assert page.inner_text("#gallery li:first-child .params").startswith("64×64")  # 70x68 floored to 8s
+    cli_strength = build_parser().parse_args(["img2img", "in.png", "a prompt"]).strength  # the page's default
+    assert f"Denoising strength: {cli_strength}" in page.inner_text("#result-info")
+    assert page.inner_text("#gallery li:first-child .params:not(.seed)").startswith("64×64")  # 70x68 floored
     assert page.evaluate("document.getElementById('result-image').naturalWidth") == 64
 
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)

@@ -48,8 +48,8 @@ def png_b64(size: tuple[int, int] = (64, 64)) -> str:
         ({"prompt": "x", "size": "512x64"}, "width must be a multiple of 8 between 64 and 256, got 512"),
         ({"prompt": "x", "size": "32x64"}, "width must be a multiple of 8 between 64 and 256, got 32"),
         ({"prompt": "x", "size": "big"}, 'size must look like "512x512"'),
-        ({"prompt": "x", "n": 3}, "n must be between 1 and 2, got 3"),
-        ({"prompt": "x", "n": 0}, "n must be between 1 and 2, got 0"),
+        ({"prompt": "x", "n": 5}, "n must be between 1 and 4, got 5"),  # max_images (n > max_batch is split)
+        ({"prompt": "x", "n": 0}, "n must be between 1 and 4, got 0"),
         ({"prompt": "x", "steps": 9}, "steps must be between 1 and 8, got 9"),
         ({"prompt": "x", "steps": 0}, "steps must be between 1 and 8, got 0"),
         ({"prompt": "x", "seed": 2**32 - 1, "n": 2}, "seed must be between -1 and 4294967294"),
@@ -75,7 +75,7 @@ def test_openai_400s(client: TestClient, fake: FakePipe, body: dict, message: st
     ("body", "message"),
     [
         ({"width": 70, "height": 64}, "width must be a multiple of 8 between 64 and 256, got 70"),
-        ({"batch_size": 3}, "batch_size must be between 1 and 2, got 3"),
+        ({"batch_size": 5}, "batch_size must be between 1 and 4, got 5"),  # max_images; max_batch is per call
         ({"batch_size": 2, "n_iter": 3}, "images per request must be between 1 and 4, got 6"),
         ({"n_iter": 0}, "n_iter must be at least 1, got 0"),
         ({"steps": 50}, "steps must be between 1 and 8, got 50"),

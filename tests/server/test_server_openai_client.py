@@ -44,7 +44,7 @@ def decode(b64: str) -> PIL.Image.Image:
 
 def test_openai_sdk_generates_a_png(client: openai.OpenAI) -> None:
     result = client.images.generate(
-        model="lcm", prompt="a red circle", size="64x64", response_format="b64_json"
+        model="tiny-lcm", prompt="a red circle", size="64x64", response_format="b64_json"
     )
     assert isinstance(result.created, int) and len(result.data) == 1
     image = decode(result.data[0].b64_json)
@@ -55,7 +55,7 @@ def test_openai_sdk_generates_a_png(client: openai.OpenAI) -> None:
 def test_openai_sdk_extra_fields_make_it_reproducible(client: openai.OpenAI) -> None:
     def once() -> list[bytes]:
         res = client.images.generate(
-            model="lcm", prompt="a cat", size="64x64", n=2, response_format="b64_json",
+            model="tiny-lcm", prompt="a cat", size="64x64", n=2, response_format="b64_json",
             extra_body={"seed": 42, "steps": 2, "guidance_scale": 6.0},
         )  # fmt: skip
         return [decode(d.b64_json).tobytes() for d in res.data]
@@ -67,12 +67,12 @@ def test_openai_sdk_extra_fields_make_it_reproducible(client: openai.OpenAI) -> 
 
 def test_openai_sdk_raises_typed_errors(base_url: str, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="only 'b64_json'"):
-        client.images.generate(model="lcm", prompt="x", size="64x64", response_format="url")
+        client.images.generate(model="tiny-lcm", prompt="x", size="64x64", response_format="url")
     with pytest.raises(openai.BadRequestError, match="multiple of 8"):
-        client.images.generate(model="lcm", prompt="x", size="60x64", response_format="b64_json")
+        client.images.generate(model="tiny-lcm", prompt="x", size="60x64", response_format="b64_json")
     wrong = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="not valid"):
-        wrong.images.generate(model="lcm", prompt="x", size="64x64", response_format="b64_json")
+        wrong.images.generate(model="tiny-lcm", prompt="x", size="64x64", response_format="b64_json")
 
 
 def png_b64(size: tuple[int, int]) -> str:

@@ -1,36 +1,42 @@
 """Request bodies of the two HTTP dialects we speak, and their translation to one `GenerationRequest`.
 
 OpenAI images API (`/v1/images/generations`) and AUTOMATIC1111's web UI API (`/sdapi/v1/txt2img`, `img2img`).
-Unknown fields are ignored, as both servers do, so existing clients that send sampler names, styles or `quality`
-keep working. Defaults differ from A1111 where LCM needs it: 4 steps (not 50) and CFG 8.5 (not 7); the size
+A1111 fields are all declared, so that each one lcmkit cannot honour is refused or warned about rather than silently
+dropped (`lcmkit.server.a1111`); fields A1111 does not know are ignored, as A1111 does. OpenAI fields are checked
+the same way, unknown ones included (`lcmkit.server.openai_api`). Defaults differ from A1111 where LCM needs it: 4 steps (not 50) and CFG 8.5 (not 7); the size
 defaults to the model's native size (not 512).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from lcmkit import __version__
 from lcmkit.request import GeneratedImage, GenerationRequest
-from lcmkit.server.jobs import LimitError, Settings, check_limits, check_size
+from lcmkit.server import a1111, images
+from lcmkit.server.guards import RequestBody, check_text_lengths
+from lcmkit.server.jobs import LimitError, Settings, check_limits
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
-class OpenAIImageRequest(BaseModel):
-    """`POST /v1/images/generations`. `model` is ignored (one model is loaded); the last four fields are ours."""
+class OpenAIImageRequest(RequestBody):
+    """`POST /v1/images/generations`. `model` must be absent or the served model; the last four fields are ours.
 
-    model_config = ConfigDict(extra="ignore")
+    Fields OpenAI does not define are kept (`extra="allow"`) so that `lcmkit.server.openai_api` can report them as
+    OpenAI does ("Unrecognized request argument supplied"), as can the OpenAI fields lcmkit does not honour.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     prompt: str
     model: str | None = None
@@ -47,10 +53,29 @@ class OpenAIImageRequest(BaseModel):
         None, description="lcmkit extension: image i uses seed + i; none or -1 is random"
     )
     negative_prompt: str = Field("", description="lcmkit extension")
+    # OpenAI fields honoured only in part (lcmkit.server.openai_api says which values)
+    quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="JPEG/WebP quality; PNG is lossless"
+    )
+    partial_images: int | None = Field(None, ge=0, le=3)
+    complexity: Literal["low", "medium", "high"] | None = None
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
+    svg: dict[str, Any] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
 
 
-class Txt2ImgRequest(BaseModel):
-    """`POST /sdapi/v1/txt2img`, AUTOMATIC1111 fields. `force_task_id` lets a client poll its own job's progress."""
+class A1111Request(RequestBody):
+    """The fields txt2img and img2img share. `force_task_id` lets a client poll its own job's progress.
+
+    After the fields lcmkit uses come the rest of A1111's, so that each is honoured, ignored where it does not change
+    the image, or refused (or warned about) where it would: `lcmkit.server.a1111` says which.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -65,16 +90,84 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1
     sampler_name: str | None = None
     force_task_id: str | None = None
+    send_images: bool = Field(
+        True, description="false: the reply carries no images (info and parameters only)"
+    )
+    infotext: str | None = Field(None, description="A1111 parameters text; fills the fields not given")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="CLIP_stop_at_last_layers, samples_format, sd_model_checkpoint, sd_vae"
+    )
+    override_settings_restore_afterwards: bool | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    styles: list[str] | None = None
+    subseed: int | None = None
+    subseed_strength: float | None = None
+    seed_resize_from_h: int | None = None
+    seed_resize_from_w: int | None = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    s_min_uncond: float | None = None
+    refiner_checkpoint: str | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    # no effect on the image here (see lcmkit.server.a1111)
+    do_not_save_samples: bool | None = None
+    do_not_save_grid: bool | None = None
+    save_images: bool | None = None
+    eta: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool | None = None
+    comments: dict[str, Any] | None = None
+    script_args: list[Any] | None = None
 
 
-class Img2ImgRequest(Txt2ImgRequest):
+class Txt2ImgRequest(A1111Request):
+    """`POST /sdapi/v1/txt2img`, AUTOMATIC1111 fields."""
+
+    enable_hr: bool | None = None
+    # read only by the hires fix
+    denoising_strength: float | None = None
+    firstphase_width: int | None = None
+    firstphase_height: int | None = None
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = None
+    hr_resize_x: int | None = None
+    hr_resize_y: int | None = None
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+    firstpass_image: str | None = None
+
+
+class Img2ImgRequest(A1111Request):
     """`POST /sdapi/v1/img2img`: the first of `init_images` (base64, optionally a `data:` URL) is resized to
-    width x height when they are given, else floored to a multiple of 8."""
+    width x height when they are given (`resize_mode` 0, 1 or 2), else floored to a multiple of 8."""
 
     init_images: list[str]
     denoising_strength: float = 0.75
     mask: str | None = None
     include_init_images: bool = False
+    resize_mode: int | None = None
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    # no effect on the image here (see lcmkit.server.a1111)
+    image_cfg_scale: float | None = None
+    mask_blur: int | None = None
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    mask_round: bool | None = None
+    inpainting_fill: int | None = None
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = None
+    inpainting_mask_invert: int | None = None
 
 
 @dataclass
@@ -82,6 +175,10 @@ class Translated:
     request: GenerationRequest
     iterations: int = 1
     job_id: str | None = None
+    warnings: list[str] = field(default_factory=list)  # settings not honoured (the "warn" policy)
+    output_format: str = "png"  # png, jpeg or webp
+    output_compression: int | None = None  # JPEG/WebP quality
+    send_images: bool = True
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -90,11 +187,14 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     try:
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise LimitError(f'size must look like "512x512" (WIDTHxHEIGHT) or "auto", got {size!r}') from None
+        raise LimitError(
+            f'size must look like "512x512" (WIDTHxHEIGHT) or "auto", got {size!r}', "size"
+        ) from None
     return w, h
 
 
-def from_openai(body: OpenAIImageRequest, settings: Settings) -> Translated:
+def check_openai_output(body: Any) -> None:
+    """What an OpenAI reply can be here: base64 PNG/JPEG/WebP, all at once (generations and edits)."""
     if body.response_format not in (None, "b64_json"):
         raise LimitError(
             f"response_format {body.response_format!r} is not supported: only 'b64_json' is, "
@@ -102,15 +202,20 @@ def from_openai(body: OpenAIImageRequest, settings: Settings) -> Translated:
         )
     if body.stream:
         raise LimitError("stream=true is not supported; images are returned when they are done")
-    if (body.output_format or "png") not in OUTPUT_FORMATS:
+    if body.output_format is not None and body.output_format not in OUTPUT_FORMATS:
         raise LimitError(f"output_format must be one of {sorted(OUTPUT_FORMATS)}, got {body.output_format!r}")
+
+
+def from_openai(body: OpenAIImageRequest, settings: Settings) -> Translated:
+    check_text_lengths(body, settings)
+    check_openai_output(body)
     width, height = parse_size(body.size)
     req = GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         steps=body.steps,
         guidance_scale=body.guidance_scale,
-        seed=_seed(body.seed),
+        seed=request_seed(body.seed),
         width=width,
         height=height,
         num_images=1 if body.n is None else body.n,
@@ -119,16 +224,20 @@ def from_openai(body: OpenAIImageRequest, settings: Settings) -> Translated:
     return Translated(req)
 
 
-def from_a1111(body: Txt2ImgRequest, settings: Settings) -> Translated:
+def from_a1111(body: A1111Request, settings: Settings, options: a1111.Options | None = None) -> Translated:
+    check_text_lengths(body, settings)
+    body = a1111.apply_infotext(body)
+    honoured = a1111.review_request(body, settings, options)
     req = GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         steps=body.steps,
         guidance_scale=body.cfg_scale,
-        seed=_seed(body.seed),
+        seed=request_seed(body.seed),
         width=body.width,
         height=body.height,
         num_images=body.batch_size,
+        extra=honoured.pipeline_kwargs,
     )
     if isinstance(body, Img2ImgRequest):
         if body.mask:
@@ -137,80 +246,71 @@ def from_a1111(body: Txt2ImgRequest, settings: Settings) -> Translated:
             raise LimitError(
                 "img2img needs one image in init_images (base64 PNG/JPEG, optionally a data: URL)"
             )
-        image = decode_image(body.init_images[0], settings, "init_images[0]")
-        req.init_image = _fit(image, body.width, body.height, settings)
+        image = decode_image(body.init_images[0], settings, "init_images[0]", body.width, body.height)
+        req.init_image = fit_image(image, body.width, body.height, settings, body.resize_mode or 0)
         req.width, req.height = req.init_image.size
         req.strength = body.denoising_strength
     check_limits(req, settings, body.n_iter, batch_name="batch_size")
-    return Translated(req, body.n_iter, body.force_task_id)
+    return Translated(
+        req,
+        body.n_iter,
+        body.force_task_id,
+        warnings=honoured.warnings,
+        output_format=honoured.samples_format,
+        send_images=honoured.send_images,
+    )
 
 
-def _seed(seed: int | None) -> int | None:
+def request_seed(seed: int | None) -> int | None:
+    """-1 (or any negative seed) is random, as in A1111."""
     return None if seed is None or seed < 0 else seed
 
 
-def decode_image(data: str, settings: Settings, name: str) -> PIL.Image.Image:
-    """An RGB image from base64 text, with or without a `data:image/...;base64,` prefix."""
-    if data.startswith("data:"):
-        header, _, data = data.partition(",")
-        if not header.endswith(";base64"):
-            raise LimitError(f"{name} is a data: URL that is not base64 encoded")
-    data = "".join(data.split())
-    if len(data) * 3 // 4 > settings.max_upload_bytes:
-        raise LimitError(f"{name} is larger than the upload limit of {settings.max_upload_bytes} bytes")
-    try:
-        raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise LimitError(f"{name} is not valid base64: {e}") from None
-    try:
-        with PIL.Image.open(io.BytesIO(raw)) as im:
-            return im.convert("RGB")
-    except (OSError, PIL.Image.DecompressionBombError, ValueError) as e:
-        raise LimitError(f"{name} is base64 but not an image PIL can read: {e}") from None
-
-
-def _fit(
-    image: PIL.Image.Image, width: int | None, height: int | None, settings: Settings
+def decode_image(
+    data: str, settings: Settings, name: str, width: int | None = None, height: int | None = None
 ) -> PIL.Image.Image:
-    """A1111 resize mode 0 ("just resize") to the requested size; without one, floor the image's own size to 8."""
-    if width is None and height is None:
-        w, h = image.width // 8 * 8, image.height // 8 * 8
-        for name, value, maximum in (("width", w, settings.max_width), ("height", h, settings.max_height)):
-            try:
-                check_size(name, value, settings, maximum)
-            except LimitError as e:
-                raise LimitError(
-                    f"the init image is {image.width}x{image.height}: {e}; pass width and height to resize it"
-                ) from None
-    else:
-        w, h = width or image.width * height // image.height, height or image.height * width // image.width
-        w, h = max(8, w // 8 * 8), max(8, h // 8 * 8)
-    return image if image.size == (w, h) else image.resize((w, h), PIL.Image.Resampling.LANCZOS)
+    """An RGB image from base64 text, with or without a `data:image/...;base64,` prefix. Its header and the size
+    it will be resized to (`width`/`height`, see `images.fit_size`) are checked before it is decoded."""
+    return images.load_image(images.b64_bytes(data, settings, name), settings, name, width, height)
 
 
-def encode_image(result: GeneratedImage, fmt: str = "png") -> str:
-    """Base64 image; PNGs carry the infotext in their `parameters` chunk, where A1111's PNG-info tab reads it."""
+def fit_image(
+    image: PIL.Image.Image, width: int | None, height: int | None, settings: Settings, resize_mode: int = 0
+) -> PIL.Image.Image:
+    """A1111's resize modes (`a1111.resize`: 0 just resize, 1 crop and resize, 2 resize and fill) to the requested
+    size; without one, floor the image's own size to 8."""
+    w, h = images.fit_size(image.size, width, height, settings)
+    return a1111.resize(image, resize_mode, w, h)
+
+
+def encode_image(result: GeneratedImage, fmt: str = "png", quality: int | None = None) -> str:
+    """Base64 image; PNGs carry the infotext in their `parameters` chunk, where A1111's PNG-info tab reads it.
+    `quality` (0-100) is the JPEG/WebP quality (OpenAI's output_compression); PNG is lossless."""
     buf = io.BytesIO()
     if fmt == "png":
         info = PngInfo()
         info.add_text("parameters", result.infotext)
         result.image.save(buf, format="PNG", pnginfo=info)
     else:
-        result.image.save(buf, format=OUTPUT_FORMATS[fmt])
+        extra = {} if quality is None else {"quality": quality}
+        result.image.save(buf, format=OUTPUT_FORMATS[fmt], **extra)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def openai_response(results: list[GeneratedImage], output_format: str | None) -> dict[str, Any]:
+def openai_response(
+    results: list[GeneratedImage], output_format: str | None, quality: int | None = None
+) -> dict[str, Any]:
     return {
         "created": int(time.time()),
-        "data": [{"b64_json": encode_image(r, output_format or "png")} for r in results],
+        "data": [{"b64_json": encode_image(r, output_format or "png", quality)} for r in results],
     }
 
 
 def a1111_response(
-    body: Txt2ImgRequest, tr: Translated, results: list[GeneratedImage], model_name: str
+    body: A1111Request, tr: Translated, results: list[GeneratedImage], model_name: str
 ) -> dict[str, Any]:
-    """`images`, `parameters` (the request echoed) and `info` (a JSON string, as A1111 returns it)."""
+    """`images`, `parameters` (the request echoed) and `info` (a JSON string, as A1111 returns it); `warnings`
+    lists the settings that were not honoured (the "warn" policy), and `info` claims none of them."""
     req = tr.request
     seeds = [r.seed for r in results]
     first = results[0].image if results else None
@@ -247,8 +347,12 @@ def a1111_response(
         "infotexts": [r.infotext for r in results],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1,
+        "clip_skip": req.extra.get("clip_skip", 0) + 1,  # A1111 counts the last layer as 1
         "is_using_inpainting_conditioning": False,
         "version": f"lcmkit {__version__}",
     }
-    return {"images": [encode_image(r) for r in results], "parameters": parameters, "info": json.dumps(info)}
+    images = [encode_image(r, tr.output_format) for r in results] if tr.send_images else []
+    out = {"images": images, "parameters": parameters, "info": json.dumps(info, allow_nan=False)}
+    if tr.warnings:
+        out["warnings"] = tr.warnings
+    return out
