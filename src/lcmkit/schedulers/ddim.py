@@ -76,6 +76,21 @@ class DDIMSchedulerConfig:
 _FIELDS = tuple(f.name for f in dataclasses.fields(DDIMSchedulerConfig))
 
 
+def spaced_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:
+    """n descending timesteps spaced as in Lin et al. 2023 (arXiv:2305.08891) Table 2 ("trailing" ends at T - 1).
+
+    Float64, as the reference computes them; DDIM casts to int64, Euler to float32.
+    """
+    T = num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1]
+    if spacing == "leading":
+        return (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+    if spacing == "trailing":  # a float ratio, as the reference, so n need not divide T
+        return np.round(np.arange(T, 0, -T / n)) - 1
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported; use one of {list(TIMESTEP_SPACINGS)}")
+
+
 @dataclass
 class DDIMSchedulerOutput:
     """`prev_sample` feeds the next step; `pred_original_sample` is the step's estimate of x0."""
@@ -133,14 +148,9 @@ class DDIMScheduler:
                 f"num_inference_steps must be between 1 and num_train_timesteps ({T}), got {num_inference_steps}"
             )
         self.num_inference_steps = num_inference_steps
-        spacing = self.config.timestep_spacing
-        if spacing == "linspace":
-            grid = np.linspace(0, T - 1, num_inference_steps).round()[::-1]
-        elif spacing == "leading":
-            ratio = T // num_inference_steps
-            grid = (np.arange(num_inference_steps) * ratio).round()[::-1] + self.config.steps_offset
-        else:  # trailing: start at T - 1; a float ratio, as the reference, so n need not divide T
-            grid = np.round(np.arange(T, 0, -T / num_inference_steps)) - 1
+        grid = spaced_timesteps(
+            self.config.timestep_spacing, num_inference_steps, T, self.config.steps_offset
+        )
         self.timesteps = torch.from_numpy(grid.astype(np.int64).copy()).to(device)
 
     def step(
