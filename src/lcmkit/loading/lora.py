@@ -665,3 +665,68 @@ __all__ = [
     "scale_lora",
     "set_active_adapters",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Recognising the few-step adapters (for presets and their mismatch warnings)
+# ----------------------------------------------------------------------------------------------
+
+# LCM-LoRA, TCD, Hyper-SD, PCM and DMD2 files are ordinary LoRAs: same layers, same key layouts, and as published
+# they carry no metadata entry that says which method trained them. So a file is recognised by the words its
+# descriptive metadata (kohya's `ss_output_name` / `ss_training_comment`, the modelspec title and description)
+# or, failing that, its file and folder name contain: a hint, not a proof. Order matters: "Hyper-SD" before
+# "SD", "PCM"/"TCD" before "LCM".
+_FAMILY_WORDS = (
+    ("hyper-sd", re.compile(r"hyper[-_ ]?sd", re.I)),
+    ("pcm", re.compile(r"(?<![a-z])pcm(?![a-z])", re.I)),
+    ("tcd", re.compile(r"(?<![a-z])tcd(?![a-z])", re.I)),
+    ("dmd2", re.compile(r"(?<![a-z])dmd2?(?![a-z])", re.I)),
+    ("lcm", re.compile(r"(?<![a-z])lcm(?![a-z])", re.I)),
+)
+_STEPS_WORD = re.compile(r"(?<!\d)(\d{1,2})[-_ ]?steps?(?![a-z])", re.I)
+_CFG_WORD = re.compile(r"(?<![a-z])cfg(?![a-z])", re.I)
+_DESCRIPTIVE_METADATA = (
+    "ss_output_name",
+    "ss_training_comment",
+    "modelspec.title",
+    "modelspec.description",
+    "modelspec.usage_hint",
+    "name",
+    "description",
+)
+
+
+def identify_lora(path: str | Path) -> dict[str, Any] | None:
+    """Which few-step adapter a LoRA file looks like: {"family", "steps", "cfg", "evidence"}, or None.
+
+    `family` is "lcm", "tcd", "hyper-sd" ("hyper-sd-cfg" for the CFG-preserving files), "pcm" or "dmd2";
+    `steps` the step count named next to it ("Hyper-SD15-4steps-lora" -> 4) or None; `evidence` names the
+    metadata key or says "file name" (a weaker hint: a renamed file is not recognised, or wrongly).
+    """
+    path = Path(path)
+    texts: list[tuple[str, str]] = []
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # SafetensorError: a damaged header
+            raise ModelFileError(f"the safetensors metadata cannot be read: {describe(e)}", path) from e
+        texts += [(f"metadata {key}", str(meta[key])) for key in _DESCRIPTIVE_METADATA if meta.get(key)]
+    # The last few path parts: a hub cache keeps the repo name (models--h1t--TCD-SD15) above the snapshot hash.
+    texts.append(("file name", "/".join(path.parts[-4:])))
+    for evidence, text in texts:
+        for family, word in _FAMILY_WORDS:
+            if word.search(text):
+                steps = _STEPS_WORD.search(text)
+                cfg = bool(_CFG_WORD.search(text)) and "smallcfg" not in text.lower()
+                if family == "hyper-sd" and cfg:
+                    family = "hyper-sd-cfg"
+                return {
+                    "family": family,
+                    "steps": int(steps.group(1)) if steps else None,
+                    "cfg": cfg,
+                    "evidence": evidence,
+                }
+    return None

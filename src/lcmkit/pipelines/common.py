@@ -28,6 +28,7 @@ from lcmkit.models.text import encode_negative_prompt, encode_prompt
 from lcmkit.nn.conv import Prepack, Winograd, set_conv_prepacking, set_conv_winograd
 from lcmkit.pipelines.image import postprocess
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
+from lcmkit.schedulers.lcm import LCMScheduler
 from lcmkit.schedulers.lcm_math import guidance_scale_embedding
 
 logger = logging.getLogger(__name__)
@@ -517,7 +518,9 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
                     legacy_callback(i, t, state["latents"])
                 bar.update()
         self._page_out(self.unet)
-        return state["denoised"].to(state["prompt_embeds"].dtype)
+        # LCM decodes its last consistency estimate; other samplers (DDIM, ...) their last sample, as diffusers.
+        final = state["denoised"] if isinstance(self.scheduler, LCMScheduler) else state["latents"]
+        return final.to(state["prompt_embeds"].dtype)
 
     def _decode(
         self,
@@ -565,6 +568,22 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         if steps is not None and (not isinstance(steps, int) or steps <= 0):
             raise ValueError(f"`callback_steps` has to be a positive integer but is {steps!r}")
         return callback, steps or 1
+
+    def _use_preset(
+        self, preset: str | None, steps: int, timesteps: list[int] | None, guidance_scale: float
+    ) -> tuple[int | None, list[int] | None, float]:
+        """`preset=` (see `lcmkit.presets`): put the preset's scheduler on the pipeline (it stays there) and take
+        its steps, timesteps and guidance where the call left the defaults (4 steps, guidance 8.5)."""
+        if preset is None:
+            return steps, timesteps, guidance_scale
+        from lcmkit.presets import apply_preset
+
+        chosen = apply_preset(
+            self, preset, None if steps == 4 else steps, None if guidance_scale == 8.5 else guidance_scale
+        )
+        if timesteps is not None:
+            return steps, timesteps, chosen["guidance_scale"]
+        return chosen["num_inference_steps"], chosen["timesteps"], chosen["guidance_scale"]
 
     def _set_timesteps(
         self,

@@ -116,9 +116,13 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        preset: str | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
         legacy_callback, legacy_steps = self._pop_legacy_callback(kwargs)
+        num_inference_steps, timesteps, guidance_scale = self._use_preset(
+            preset, num_inference_steps, timesteps, guidance_scale
+        )
         # 1. check inputs
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")

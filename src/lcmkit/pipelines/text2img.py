@@ -69,9 +69,13 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        preset: str | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
         legacy_callback, legacy_steps = self._pop_legacy_callback(kwargs)
+        num_inference_steps, timesteps, guidance_scale = self._use_preset(
+            preset, num_inference_steps, timesteps, guidance_scale
+        )
         # 0. sizes default to the UNet's sample size in pixels
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor

@@ -140,8 +140,24 @@ class DDIMScheduler:
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         return sample
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """The n sampling timesteps, spaced as in Lin et al. 2023 (arXiv:2305.08891) Table 2."""
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: str | torch.device | None = None,
+        original_inference_steps: int | None = None,
+        strength: float = 1.0,
+    ) -> None:
+        """The n sampling timesteps, spaced as in Lin et al. 2023 (arXiv:2305.08891) Table 2.
+
+        `original_inference_steps` is accepted and unused (DDIM has no distillation grid), so the LCM pipelines
+        can call this like `LCMScheduler.set_timesteps`; img2img (`strength` < 1) is refused: this scheduler has
+        no `add_noise`.
+        """
+        if strength != 1.0:
+            raise ValueError(
+                f"DDIMScheduler supports text-to-image only (strength 1.0), got strength {strength}; "
+                "use LCMScheduler or TCDScheduler for img2img."
+            )
         T = self.config.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
             raise ValueError(
@@ -159,8 +175,12 @@ class DDIMScheduler:
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> DDIMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One eta = 0 DDIM step from x_t (`sample`) at `timestep` to t - T // n (DDIM eq. 12)."""
+        """One eta = 0 DDIM step from x_t (`sample`) at `timestep` to t - T // n (DDIM eq. 12).
+
+        Draws no noise; `generator` is accepted so that sampling loops written for LCM can pass it.
+        """
         if self.num_inference_steps is None:
             raise ValueError("call `set_timesteps(num_inference_steps)` before `step`")
         t = int(timestep)
