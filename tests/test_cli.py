@@ -799,3 +799,19 @@ def test_help_shows_every_default(command, capsys):
              "distill": {"--steps": "1000", "--lr": "0.0001", "--mixed-precision": "no"}}  # fmt: skip
     for option, shown in known.get(command, {}).items():
         assert f"(default: {shown})" in entries[option], (option, entries[option])
+
+
+def test_preset_sets_steps_guidance_and_timesteps(model, tmp_path, capsys, caplog):
+    """--preset fills steps and guidance (written to the PNG with the preset's name); changed values win and a
+    step count the preset was not made for warns."""
+    argv = ["generate", "a cat", "--model", str(model), "--out", str(tmp_path), "--size", "32x32"]
+    assert main([*argv, "--preset", "dmd2"]) == 0
+    out = capsys.readouterr()
+    _, fields = parameters(paths(out.out)[0])
+    assert (fields["Steps"], fields["CFG scale"], fields["Preset"]) == ("4", "0", "dmd2")
+    assert main([*argv, "--preset", "hyper-sd-8step", "--steps", "2", "--guidance", "1.5"]) == 0
+    out = capsys.readouterr()
+    _, fields = parameters(paths(out.out)[0])
+    assert (fields["Steps"], fields["CFG scale"], fields["Preset"]) == ("2", "1.5", "hyper-sd-8step")
+    assert any("preset 'hyper-sd-8step' was made for [8] steps, not 2" in m for m in caplog.messages)
+    assert not any("not on the original" in m for m in caplog.messages)  # dmd2's timesteps are on its grid

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from lcmkit.presets import chosen_values, preset_names
 from lcmkit.request import (
     OPTION_KEYS,
     GenerationRequest,
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = gen.add_argument
     add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps")
     add("--guidance", type=_arg(parse_float, "--guidance"), default=8.5, help="guidance scale")
+    add("--preset", choices=preset_names(), metavar="NAME", help="sampler preset for a few-step model or LoRA; "
+        "sets the scheduler, steps, guidance and timesteps (--steps/--guidance other than their defaults win): "
+        + ", ".join(preset_names()))  # fmt: skip
     add("--seed", type=_arg(parse_seed), default=None,
         help="default (or -1): random; image i uses seed+i; printed next to each image's path")  # fmt: skip
     add(
@@ -301,9 +305,13 @@ def add_distill_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def base_request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
     width, height = args.size or (None, None)
-    return GenerationRequest(prompt=prompt, negative_prompt=args.negative, steps=args.steps,
-                             guidance_scale=args.guidance, seed=args.seed, width=width, height=height,
-                             num_images=args.n, strength=args.strength)  # fmt: skip
+    steps, guidance = args.steps, args.guidance
+    if args.preset:
+        steps, guidance = chosen_values(args.preset, steps, guidance)
+    return GenerationRequest(prompt=prompt, negative_prompt=args.negative, steps=steps,
+                             guidance_scale=guidance, seed=args.seed, width=width, height=height,
+                             num_images=args.n, strength=args.strength,
+                             extra={"preset": args.preset} if args.preset else {})  # fmt: skip
 
 
 def json_item(line: str, args: argparse.Namespace, image: Path | None, folder: Path) -> Item:

@@ -17,16 +17,19 @@ from typing import Any
 
 import tomllib
 
-from lcmkit.loading.lora import identify_lora
-from lcmkit.schedulers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
-
 logger = logging.getLogger(__name__)
 
+# The pipelines' (and the CLI's) defaults: with a preset, a value equal to these counts as "not given".
+DEFAULT_STEPS = 4
+DEFAULT_GUIDANCE = 8.5
+
+# Scheduler names of the data file -> classes in lcmkit.schedulers (imported on use: the CLI reads the preset
+# names before it imports torch).
 SCHEDULERS = {
-    "lcm": LCMScheduler,
-    "tcd": TCDScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
 }
 # The family a recognised LoRA file belongs to -> the preset to suggest (by steps for the n-step families).
 _SUGGEST = {
@@ -85,6 +88,8 @@ def get_preset(name: str) -> Preset:
 
 def suggest_preset(lora_file: str | Path) -> str | None:
     """The preset that fits a recognised LoRA file (see `identify_lora`), if there is one in the table."""
+    from lcmkit.loading.lora import identify_lora
+
     found = identify_lora(lora_file)
     if found is None:
         return None
@@ -95,6 +100,8 @@ def suggest_preset(lora_file: str | Path) -> str | None:
 def mismatch_warnings(preset: Preset, steps: int, lora_files: list[str | Path] = ()) -> list[str]:
     """Why `preset` at `steps` may not fit: a step count the adapter was not made for, or a loaded LoRA that
     looks like another family (recognised by metadata or file name, so a hint) or another step count."""
+    from lcmkit.loading.lora import identify_lora
+
     out = []
     if steps not in preset.made_for_steps:
         out.append(
@@ -126,8 +133,11 @@ def mismatch_warnings(preset: Preset, steps: int, lora_files: list[str | Path] =
 
 def make_scheduler(preset: Preset, base_config: Any) -> Any:
     """The preset's scheduler, built from the pipeline's scheduler config (betas etc.) plus its overrides."""
+    from lcmkit import schedulers
+
     values = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
-    scheduler = SCHEDULERS[preset.scheduler].from_config(values, **preset.scheduler_config)
+    scheduler_class = getattr(schedulers, SCHEDULERS[preset.scheduler])
+    scheduler = scheduler_class.from_config(values, **preset.scheduler_config)
     if preset.gamma is not None:
         scheduler.gamma = preset.gamma
     return scheduler
@@ -156,3 +166,18 @@ def apply_preset(
         "timesteps": timesteps,
         "guidance_scale": preset.guidance_scale if guidance_scale is None else guidance_scale,
     }
+
+
+def preset_names() -> list[str]:
+    """The preset names, in the data file's order (for `--preset` choices and error messages)."""
+    return list(presets())
+
+
+def chosen_values(name: str, steps: int, guidance_scale: float) -> tuple[int, float]:
+    """(steps, guidance) a call with preset `name` runs with: the preset's, except where the caller changed the
+    defaults (`DEFAULT_STEPS`, `DEFAULT_GUIDANCE`)."""
+    preset = get_preset(name)
+    return (
+        preset.steps if steps == DEFAULT_STEPS else steps,
+        preset.guidance_scale if guidance_scale == DEFAULT_GUIDANCE else guidance_scale,
+    )

@@ -181,6 +181,8 @@ def infotext(
         params.append(("Model", model_name))
     if req.is_img2img:
         params.append(("Denoising strength", _num(req.strength)))
+    if req.extra.get("preset"):
+        params.append(("Preset", req.extra["preset"]))
     if req.extra.get("clip_skip"):  # A1111 counts the last layer as 1: diffusers' clip_skip k is its k + 1
         params.append(("Clip skip", req.extra["clip_skip"] + 1))
     params.append(("Version", f"lcmkit {__version__}"))

@@ -576,11 +576,11 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         its steps, timesteps and guidance where the call left the defaults (4 steps, guidance 8.5)."""
         if preset is None:
             return steps, timesteps, guidance_scale
-        from lcmkit.presets import apply_preset
+        from lcmkit.presets import DEFAULT_GUIDANCE, DEFAULT_STEPS, apply_preset
 
-        chosen = apply_preset(
-            self, preset, None if steps == 4 else steps, None if guidance_scale == 8.5 else guidance_scale
-        )
+        given_steps = None if steps == DEFAULT_STEPS else steps
+        given_guidance = None if guidance_scale == DEFAULT_GUIDANCE else guidance_scale
+        chosen = apply_preset(self, preset, given_steps, given_guidance)
         if timesteps is not None:
             return steps, timesteps, chosen["guidance_scale"]
         return chosen["num_inference_steps"], chosen["timesteps"], chosen["guidance_scale"]
