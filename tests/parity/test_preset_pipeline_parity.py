@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lcmkit import LatentConsistencyModelPipeline
-from lcmkit.schedulers import DDIMScheduler, LCMScheduler, TCDScheduler
+from lcmkit.schedulers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
 TOL = 1e-4
 PROMPTS = ["a red circle on a blue background", "a yellow square"]
@@ -100,6 +100,23 @@ def test_scheduler_swap_as_in_diffusers(fresh) -> None:
     finally:
         ref.scheduler = base
     assert np.abs(a - b.images).max() <= TOL
+
+
+@pytest.mark.parametrize("set_kwargs", [{"num_inference_steps": 3}, {"timesteps": [999, 749, 499, 249]}])
+def test_euler_trailing_in_the_pipeline(fresh, set_kwargs: dict) -> None:
+    """Euler needs the input scaled by 1 / sqrt(sigma^2 + 1) and noise of std init_noise_sigma: the pipeline
+    asks the scheduler for both, so it matches diffusers with real CFG too."""
+    ours, ref = fresh
+    ours.scheduler = EulerDiscreteScheduler.from_config(ours.scheduler.config, timestep_spacing="trailing")
+    kwargs = {**set_kwargs, "guidance_scale": 2.0, "output_type": "np"}
+    a = ours(PROMPTS, generator=_gens(5), **kwargs).images
+    base = ref.scheduler
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(base.config, timestep_spacing="trailing")
+    try:
+        b = ref(PROMPTS, generator=_gens(5), **kwargs).images
+    finally:
+        ref.scheduler = base
+    assert np.abs(a - b).max() <= TOL
 
 
 def test_preset_sets_the_scheduler_and_explicit_values_win(fresh) -> None:

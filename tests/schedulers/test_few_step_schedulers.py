@@ -94,3 +94,11 @@ def test_ddim_in_a_pipeline_loop_takes_a_generator_and_refuses_img2img() -> None
     assert torch.equal(prev, x0)  # alpha-to-one: the last step lands on x0
     with pytest.raises(ValueError, match="text-to-image only"):
         ddim.set_timesteps(2, strength=0.5)
+
+
+def test_euler_in_a_pipeline_loop_refuses_img2img() -> None:
+    euler = EulerDiscreteScheduler(timestep_spacing="trailing")
+    euler.set_timesteps(2, original_inference_steps=50)
+    assert euler.timesteps.tolist() == [999.0, 499.0]
+    with pytest.raises(ValueError, match="text-to-image only"):
+        euler.set_timesteps(2, strength=0.8)

@@ -501,7 +501,8 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
             for i, t in enumerate(timesteps):
                 # 1. the consistency function's raw prediction at (x_t, t, w, c)
                 x_t = state["latents"].to(state["prompt_embeds"].dtype)
-                model_pred = self._predict(x_t, t, state, cond.cfg_scale)
+                # (identity for LCM/TCD/DDIM; Euler divides by sqrt(sigma^2 + 1))
+                model_pred = self._predict(self.scheduler.scale_model_input(x_t, t), t, state, cond.cfg_scale)
                 # 2. x0 estimate with the boundary scalings, then re-noise to the next timestep (not after the last)
                 state["latents"], state["denoised"] = self.scheduler.step(
                     model_pred, t, x_t, generator=generator, return_dict=False

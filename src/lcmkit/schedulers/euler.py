@@ -140,8 +140,19 @@ class EulerDiscreteScheduler:
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         timesteps: Sequence[int] | None = None,
+        original_inference_steps: int | None = None,
+        strength: float = 1.0,
     ) -> None:
-        """`num_inference_steps` spaced by the config's `timestep_spacing`, or a custom descending `timesteps` list."""
+        """`num_inference_steps` spaced by the config's `timestep_spacing`, or a custom descending `timesteps` list.
+
+        `original_inference_steps` is accepted and unused, so the LCM pipelines can call this like
+        `LCMScheduler.set_timesteps`; img2img (`strength` < 1) is refused: this scheduler has no `add_noise`.
+        """
+        if strength != 1.0:
+            raise ValueError(
+                f"EulerDiscreteScheduler supports text-to-image only (strength 1.0), got strength {strength}; "
+                "use LCMScheduler or TCDScheduler for img2img."
+            )
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("Pass exactly one of `num_inference_steps` or `timesteps`.")
         T = self.config.num_train_timesteps
