@@ -20,7 +20,7 @@ _EXPORTS = {
     "AutoencoderTiny": "lcmkit.models.tiny_vae",
     "TinyVAEConfig": "lcmkit.models.tiny_vae",
     "SafetyChecker": "lcmkit.models.safety",
-    "ModelFileError": "lcmkit.loading.errors",
+    "ModelFileError": "lcmkit.io.errors",
     "UNetConfig": "lcmkit.config",
     "VAEConfig": "lcmkit.config",
 }

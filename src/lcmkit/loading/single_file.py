@@ -27,8 +27,12 @@ from typing import Any
 import torch
 
 from lcmkit.config import UNetConfig, VAEConfig, read_config_json
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe
-from lcmkit.loading.weights import WeightsError, check_keys, load_state_dict
+from lcmkit.io.errors import MissingModelFileError, ModelFileError, describe
+from lcmkit.io.weights import WeightsError, check_keys, load_state_dict
+from lcmkit.models.text import load_tokenizer
+from lcmkit.models.unet import UNet2DConditionModel
+from lcmkit.models.vae import AutoencoderKL
+from lcmkit.schedulers import LCMScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -523,14 +527,10 @@ def _build(model_cls: type, config: Any, sd: dict[str, torch.Tensor], source: st
 
 
 def build_unet(sd: Mapping[str, torch.Tensor], config: UNetConfig, source: str, dtype: torch.dtype) -> Any:
-    from lcmkit.models.unet import UNet2DConditionModel
-
     return _build(UNet2DConditionModel, config, translate(sd, unet_key_map(config), "UNet"), source, dtype)
 
 
 def build_vae(sd: Mapping[str, torch.Tensor], config: VAEConfig, source: str, dtype: torch.dtype) -> Any:
-    from lcmkit.models.vae import AutoencoderKL
-
     weights = {k: v for k, v in sd.items() if not k.startswith("loss.")}  # training-only discriminator/LPIPS
     weights = linear_from_conv(translate(weights, vae_key_map(config), "VAE"))
     return _build(AutoencoderKL, config, weights, source, dtype)
@@ -624,9 +624,6 @@ def _load_components(
     config: str | Path | None,
     given: set[str],
 ) -> dict[str, Any]:
-    from lcmkit.models.text import load_tokenizer
-    from lcmkit.schedulers import LCMScheduler
-
     dtype = torch_dtype or torch.float32
     source = str(path)
     parts = split_checkpoint(read_checkpoint(path), source)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError
-from lcmkit.loading.weights import check_finite, load_state_dict
+from lcmkit.io.errors import MissingModelFileError, ModelFileError
+from lcmkit.io.weights import check_finite, load_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ _EPS = 1e-6
 # Outputs and the latent distribution
 
 
-class _TupleLike:
+class TupleLike:
     """Lets `out[0]` and `out.field` both work, as with diffusers' output objects."""
 
     def to_tuple(self) -> tuple:
@@ -47,12 +47,12 @@ class _TupleLike:
 
 
 @dataclass
-class AutoencoderKLOutput(_TupleLike):
+class AutoencoderKLOutput(TupleLike):
     latent_dist: DiagonalGaussianDistribution
 
 
 @dataclass
-class DecoderOutput(_TupleLike):
+class DecoderOutput(TupleLike):
     sample: torch.Tensor
 
 

@@ -8,7 +8,7 @@ agree to float rounding, about 1e-6 relative).
 
 The packed copy is extra memory, so by default (`prepack = "auto"`) a weight is packed only when its own pages are
 file-backed (a memory-mapped safetensors file): right after packing, those pages are handed back to the OS
-(`lcmkit.loading.paging`), so the layer costs no memory. In-memory weights (a fused LoRA, a converted single-file
+(`lcmkit.io.paging`), so the layer costs no memory. In-memory weights (a fused LoRA, a converted single-file
 checkpoint, anything cast or trained) keep the plain path unless `prepack = "always"`; `"off"` never packs (and
 turns off `add_into`, a convolution summed straight into a residual).
 The packed copy is remade when the weight is replaced, cast or moved, or changed in place (its version counter);
@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lcmkit.loading.paging import release_weight_pages
+from lcmkit.io.paging import release_weight_pages
 from lcmkit.nn.layout import is_channels_last
 
 Prepack = Literal["auto", "always", "off"]

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lcmkit.io.images import postprocess
+from lcmkit.io.paging import release_weight_pages
 from lcmkit.loading.folders import load_components, save_components
 from lcmkit.loading.hub import resolve_pretrained
 from lcmkit.loading.lora import LoraLoaderMixin, scale_lora
-from lcmkit.loading.paging import release_weight_pages
 from lcmkit.loading.single_file import FromSingleFileMixin
 from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
 from lcmkit.models.safety import run_safety_checker
 from lcmkit.models.text import encode_negative_prompt, encode_prompt
 from lcmkit.nn.conv import Prepack, Winograd, set_conv_prepacking, set_conv_winograd
-from lcmkit.pipelines.image import postprocess
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.lcm_math import guidance_scale_embedding
 
@@ -212,7 +212,7 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         The peak resident memory of a call is then its largest stage (the UNet's weights, or the VAE decode's
         activations) rather than all weights plus the decode. Released pages stay in the OS page cache and are read
         back on the next call (about 0.1 s per GB). Only unmodified file pages are released: see
-        `lcmkit.loading.paging`. Weights that are not memory-mapped (cast, moved, trained) are not affected.
+        `lcmkit.io.paging`. Weights that are not memory-mapped (cast, moved, trained) are not affected.
         """
         self._weight_paging = True
 

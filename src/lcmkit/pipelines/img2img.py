@@ -13,8 +13,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from lcmkit.io.images import preprocess
 from lcmkit.pipelines.common import Generator, LCMPipelineBase
-from lcmkit.pipelines.image import preprocess
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.randn import randn_like_reference
 
