@@ -77,10 +77,10 @@ def all_modules() -> dict[str, Path]:
 
 
 def resolve(target: str, names: list[str], modules: dict[str, Path]) -> list[str]:
-    """The modules an import reaches: `from lcmkit.nn import resnet` reaches `lcmkit.nn.resnet` too."""
-    reached = [target]
-    reached += [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
-    return reached
+    """The modules an import reaches: `from lcmkit.nn import resnet` reaches `lcmkit.nn.resnet` (a package's
+    submodule, not the package's own names); `from lcmkit.nn import Attention` reaches `lcmkit.nn`."""
+    submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
+    return submodules if names and len(submodules) == len(names) else [target, *submodules]
 
 
 def edges() -> dict[str, set[str]]:

@@ -215,12 +215,12 @@ def test_subpixel_upsampling_where_the_input_is_large(unet, monkeypatch):
     """The up blocks' upsamplers take the sub-pixel form ("auto") from 32x32 inputs on: at 64x64 latents this
     UNet's one upsampler sees 32x32 and does; the output matches the reference form up to float rounding, and
     `disable_subpixel_upsampling()` turns it off."""
-    from lcmkit.nn import sampling
+    from lcmkit.nn import fast
 
     calls = []
-    real = sampling.nearest2x_conv3x3
+    real = fast.nearest2x_conv3x3
     monkeypatch.setattr(
-        sampling, "nearest2x_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
+        fast, "nearest2x_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
     )
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 64, 64, generator=g)

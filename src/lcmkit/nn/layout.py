@@ -14,12 +14,9 @@ upsampler rather than after it, where the map is four times smaller).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-MemoryFormat = Literal["auto", "channels_last", "contiguous"]
-MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
+from lcmkit.runtime import MEMORY_FORMATS, MemoryFormat
 
 
 def is_channels_last(t: torch.Tensor) -> bool:

@@ -1,51 +1,47 @@
-"""What the text-to-image and image-to-image LCM pipelines share: components, loading, prompt encoding,
-the denoising loop, decoding and output.
+"""What the text-to-image and image-to-image LCM pipelines share: their components (loading, saving, devices,
+switches, fast paths), prompt encoding, and one run of a call.
 
-The loop (`_denoise`) is written out once, as numbered steps; `text2img.py` and `img2img.py` only prepare
-their starting latents and timesteps differently.
+`LCMPipelineBase._run` is a call from checked inputs to images, as numbered steps; `text2img.py` and `img2img.py`
+hold the signatures and make their starting latents. The pieces live by concern: input checks in `checks.py`,
+classifier-free guidance in `guidance.py`, the sampler in `lcmkit.schedulers.sampling`, decoding and the safety
+checker in `decode.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lcmkit.io.images import postprocess
 from lcmkit.io.paging import release_weight_pages
 from lcmkit.loading.folders import load_components, save_components
 from lcmkit.loading.hub import resolve_pretrained
 from lcmkit.loading.lora import LoraLoaderMixin, scale_lora
 from lcmkit.loading.single_file import FromSingleFileMixin
 from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
-from lcmkit.models.safety import run_safety_checker
 from lcmkit.models.text import encode_negative_prompt, encode_prompt
-from lcmkit.nn.conv import Prepack, Winograd, set_conv_prepacking, set_conv_winograd
+from lcmkit.nn.conv import Prepack, Winograd
+from lcmkit.nn.paths import apply_fast_paths
+from lcmkit.pipelines.checks import (
+    CALLBACK_TENSOR_INPUTS,
+    Generator,
+    check_common_inputs,
+    check_generator,
+    prompt_batch_size,
+)
+from lcmkit.pipelines.decode import decode_latents, pipeline_output
+from lcmkit.pipelines.guidance import Conditioning, guided_prediction
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
+from lcmkit.runtime import FastPaths
 from lcmkit.schedulers.lcm_math import guidance_scale_embedding
+from lcmkit.schedulers.sampling import sample_lcm
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "negative_prompt_embeds", "w_embedding")
-Generator = torch.Generator | list[torch.Generator] | None
-
-
-@dataclass
-class Conditioning:
-    """The text/guidance inputs of one call. `negative_embeds` is None unless classifier-free guidance runs."""
-
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
-    w_embedding: torch.Tensor | None
-    cfg_scale: float
-
 
 HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "token", "force_download", "subfolder")
 
@@ -95,7 +91,7 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         self._cross_attention_kwargs: dict | None = None
         self._num_timesteps = 0
         self._do_cfg = False
-        self._weight_paging = True
+        self._fast_paths = FastPaths.default()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Components, loading, saving, devices
@@ -121,11 +117,13 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         variant: str | None = None,
         requires_safety_checker: bool | None = None,
         dtype: torch.dtype | None = None,
+        fast_paths: FastPaths | None = None,
         **components: Any,
     ) -> LCMPipelineBase:
         """Load a diffusers-layout folder. Keyword components (`scheduler=...`, `safety_checker=None`) replace the folder's.
 
-        `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way).
+        `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way). `fast_paths`
+        (`lcmkit.runtime.FastPaths`, default `FastPaths.default()`) picks the fast paths the models take.
         """
         torch_dtype = torch_dtype or dtype
         hub_kwargs = {k: components.pop(k) for k in HUB_KWARGS if k in components}
@@ -136,13 +134,19 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         loaded, index = load_components(folder, torch_dtype, variant, components)
         if requires_safety_checker is None:
             requires_safety_checker = bool(index.get("requires_safety_checker", True))
-        return cls(**loaded, requires_safety_checker=requires_safety_checker)
+        pipe = cls(**loaded, requires_safety_checker=requires_safety_checker)
+        if fast_paths is not None:
+            pipe.set_fast_paths(fast_paths)
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipe: LCMPipelineBase, **overrides: Any) -> LCMPipelineBase:
-        """Build this pipeline kind from another one's components, without copying weights."""
+        """Build this pipeline kind from another one's components, without copying weights (nor fast paths:
+        the new pipeline keeps `pipe.fast_paths`)."""
         comps = {**pipe.components, **overrides}
-        return cls(**comps, requires_safety_checker=pipe.requires_safety_checker)
+        new = cls(**comps, requires_safety_checker=pipe.requires_safety_checker)
+        new._fast_paths = pipe.fast_paths
+        return new
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True) -> None:
         """Write a diffusers-layout folder (safetensors weights) that diffusers and lcmkit both load."""
@@ -206,53 +210,56 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
     def disable_vae_slicing(self) -> None:
         self.vae.disable_slicing()
 
-    def enable_weight_paging(self) -> None:
-        """Release each model's memory-mapped weight pages after its stage of a call (the default).
+    # ------------------------------------------------------------------------------------------------------------------
+    # Fast paths (lcmkit.runtime.FastPaths); the older switches below build a new FastPaths
 
-        The peak resident memory of a call is then its largest stage (the UNet's weights, or the VAE decode's
-        activations) rather than all weights plus the decode. Released pages stay in the OS page cache and are read
-        back on the next call (about 0.1 s per GB). Only unmodified file pages are released: see
-        `lcmkit.io.paging`. Weights that are not memory-mapped (cast, moved, trained) are not affected.
-        """
-        self._weight_paging = True
+    @property
+    def fast_paths(self) -> FastPaths:
+        """The fast paths the last `set_fast_paths` (or `from_pretrained(fast_paths=...)`) applied."""
+        return self._fast_paths
+
+    def set_fast_paths(self, fast_paths: FastPaths) -> None:
+        """Apply `fast_paths` to the UNet and the VAE (where they are torch modules: an OpenVINO stand-in is not)
+        and to the pipeline's weight paging. `FastPaths.reference()` gives the reference arithmetic in one call."""
+        if not isinstance(fast_paths, FastPaths):
+            raise TypeError(
+                f"set_fast_paths takes a lcmkit.runtime.FastPaths, got {type(fast_paths).__name__}"
+            )
+        for model in (self.unet, self.vae):
+            if hasattr(model, "set_fast_paths"):
+                model.set_fast_paths(fast_paths)
+            elif isinstance(model, torch.nn.Module):  # e.g. AutoencoderTiny: its convolutions, if any
+                apply_fast_paths(model, fast_paths, fast_paths.vae_subpixel)
+        self._fast_paths = fast_paths
+
+    def enable_weight_paging(self) -> None:
+        """`FastPaths.weight_paging = True` (the default): release each model's memory-mapped weight pages after
+        its stage of a call, so the peak resident memory is the largest stage rather than all weights plus the
+        decode. Released pages stay in the OS page cache; only unmodified file pages are released
+        (`lcmkit.io.paging`)."""
+        self.set_fast_paths(replace(self._fast_paths, weight_paging=True))
 
     def disable_weight_paging(self) -> None:
-        """Keep every model's weights resident between stages and calls."""
-        self._weight_paging = False
+        """`FastPaths.weight_paging = False`: keep every model's weights resident between stages and calls."""
+        self.set_fast_paths(replace(self._fast_paths, weight_paging=False))
 
     @property
     def weight_paging(self) -> bool:
-        return self._weight_paging
+        return self._fast_paths.weight_paging
 
     def set_conv_prepacking(self, mode: Prepack) -> None:
-        """How the UNet's and VAE's 3x3 convolutions use oneDNN-packed weights at small sizes (`lcmkit.nn.conv`).
-
-        "auto" (the default): pack memory-mapped weights, whose file pages are released in exchange, so packing
-        costs no memory; "always": pack in-memory weights too (fused LoRA, converted checkpoints), a copy of each;
-        "off": the plain `F.conv2d` path everywhere (also no convolution summed straight into a residual,
-        `Conv2d.add_into`).
-        """
-        for model in self._conv_models():
-            set_conv_prepacking(model, mode)
+        """`FastPaths.conv_prepack = mode` for the UNet's and VAE's 3x3 convolutions: "auto" (the default) packs
+        memory-mapped weights, "always" in-memory ones too, "off" none. As before, "off" also turns off
+        `residual_into_conv` (plain `F.conv2d` everywhere) and the other modes turn it on."""
+        self.set_fast_paths(replace(self._fast_paths, conv_prepack=mode, residual_into_conv=mode != "off"))
 
     def set_conv_winograd(self, mode: Winograd) -> None:
-        """Where the UNet's and VAE's 3x3 convolutions take NNPACK's Winograd path (`lcmkit.nn.conv`).
-
-        "auto" (the default): on the CPU in float32, for maps of at least 96x96 pixels with at least 256 channels,
-        where it measured faster than oneDNN (the SD decoder at 512² 10.6 -> 9.9 s on a 2-core AVX-512 VM); the
-        VAE runs those levels in plain NCHW. It rounds differently from a direct convolution (about 1e-5 relative).
-        "always": every eligible convolution, at any size; "off": never.
-        """
-        for model in self._conv_models():
-            set_conv_winograd(model, mode)
-
-    def _conv_models(self) -> list[torch.nn.Module]:
-        """The UNet and the VAE, where they are torch modules (an OpenVINO stand-in is not): what the conv switches
-        reach."""
-        return [model for model in (self.unet, self.vae) if isinstance(model, torch.nn.Module)]
+        """`FastPaths.conv_winograd = mode`: where the 3x3 convolutions take NNPACK's Winograd path ("auto": large
+        maps with many channels, on the CPU in float32; "always"; "off"). It rounds differently (~1e-5 relative)."""
+        self.set_fast_paths(replace(self._fast_paths, conv_winograd=mode))
 
     def _page_out(self, *modules: Any) -> None:
-        if self._weight_paging:
+        if self._fast_paths.weight_paging:
             release_weight_pages(*modules)
 
     def enable_vae_tiling(self) -> None:
@@ -288,61 +295,7 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         return self._num_timesteps
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Shared steps
-
-    def _check_common_inputs(
-        self,
-        prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
-        output_type: str,
-        callback_on_step_end_tensor_inputs: Sequence[str],
-        num_images_per_prompt: int,
-        num_inference_steps: int | None,
-        timesteps: list[int] | None,
-    ) -> None:
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has {bad}, which are not callback inputs; "
-                f"allowed: {self._callback_tensor_inputs}"
-            )
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError(
-                "Cannot forward both `prompt` and `prompt_embeds`: pass one of them (prompt_embeds replaces the text encoder)"
-            )
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Provide either `prompt` or `prompt_embeds`; both are None")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}")
-        if isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt):
-            raise ValueError("every entry of a `prompt` list must be a str")
-        if prompt_embeds is not None and prompt_embeds.ndim != 3:
-            raise ValueError(
-                f"`prompt_embeds` must be (batch, tokens, dim), got shape {tuple(prompt_embeds.shape)}"
-            )
-        if output_type not in OUTPUT_TYPES:
-            # diffusers warns and falls back to "np"; a typo silently changing the return type helps nobody
-            raise ValueError(f"unknown output_type {output_type!r}; allowed: {list(OUTPUT_TYPES)}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}")
-        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
-
-    def _batch_size(self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
-        if isinstance(prompt, str):
-            return 1
-        if isinstance(prompt, list):
-            return len(prompt)
-        return prompt_embeds.shape[0]
-
-    @staticmethod
-    def _check_generator(generator: Generator, batch: int) -> None:
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(
-                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch "
-                f"size of {batch} (prompts x num_images_per_prompt). Make sure the batch size matches the length of "
-                "the generators."
-            )
+    # Prompt encoding and one run of a call
 
     def encode_prompt(
         self,
@@ -418,7 +371,7 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         - A UNet without a w-embedding (an SD UNet with an LCM-LoRA) does real classifier-free guidance at
           `guidance_scale` when it is > 1, as diffusers' StableDiffusionPipeline does; the negative prompt defaults to "".
         """
-        batch = self._batch_size(prompt, prompt_embeds)
+        batch = prompt_batch_size(prompt, prompt_embeds)
         if isinstance(negative_prompt, str) and isinstance(prompt, list):
             negative_prompt = [
                 negative_prompt
@@ -452,28 +405,94 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         self._page_out(self.text_encoder)
         return Conditioning(embeds, negative, w_embedding, cfg_scale)
 
-    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, state: dict, cfg_scale: float) -> torch.Tensor:
-        """The UNet's raw prediction, with classifier-free guidance eps_u + s (eps_c - eps_u) when a negative is set."""
-        negative, w_embedding = state["negative_prompt_embeds"], state["w_embedding"]
-        if negative is None:
-            return self.unet(
-                x_t,
-                t,
-                timestep_cond=w_embedding,
-                encoder_hidden_states=state["prompt_embeds"],
-                cross_attention_kwargs=self._cross_attention_kwargs,
-                return_dict=False,
-            )[0]
-        pred = self.unet(
-            torch.cat([x_t, x_t]),
-            t,
-            timestep_cond=None if w_embedding is None else torch.cat([w_embedding, w_embedding]),
-            encoder_hidden_states=torch.cat([negative, state["prompt_embeds"]]),
-            cross_attention_kwargs=self._cross_attention_kwargs,
-            return_dict=False,
-        )[0]
-        uncond, cond = pred.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+    def _run(
+        self,
+        *,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt: str | list[str] | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        negative_guidance_scale: float,
+        num_images_per_prompt: int,
+        num_inference_steps: int,
+        original_inference_steps: int | None,
+        timesteps: list[int] | None,
+        strength: float,
+        generator: Generator,
+        output_type: str,
+        return_dict: bool,
+        cross_attention_kwargs: dict | None,
+        clip_skip: int | None,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        legacy_callback: Callable | None,
+        legacy_callback_steps: int,
+        start_latents: Callable[[torch.Tensor, int, torch.dtype, torch.device], torch.Tensor],
+        check_more: Callable[[], None] | None = None,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """One call of either pipeline; `start_latents(schedule, batch, dtype, device)` makes its x_t at the
+        first timestep (noise, or the noised image), and `check_more()` checks its own inputs."""
+        # 1. check inputs
+        check_common_inputs(
+            prompt,
+            prompt_embeds,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            self._callback_tensor_inputs,
+            num_images_per_prompt,
+            num_inference_steps,
+            timesteps,
+        )
+        if check_more is not None:
+            check_more()
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        batch = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        check_generator(generator, batch)
+        device = self.device
+        # 2. text embeddings and the w-embedding
+        cond = self._conditioning(
+            prompt,
+            prompt_embeds,
+            negative_prompt,
+            negative_prompt_embeds,
+            guidance_scale,
+            negative_guidance_scale,
+            num_images_per_prompt,
+            clip_skip,
+            device,
+        )
+        dtype = cond.prompt_embeds.dtype
+        # 3. timesteps (img2img: shortened by strength inside the scheduler)
+        schedule = self._set_timesteps(
+            num_inference_steps, device, timesteps, original_inference_steps, strength
+        )
+        # 4. starting latents
+        latents = start_latents(schedule, batch, dtype, device)
+        # 5. the sampler, then the decode
+        denoised = self._denoise(
+            latents,
+            schedule,
+            cond,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            legacy_callback,
+            legacy_callback_steps,
+        )
+        image, has_nsfw = decode_latents(
+            denoised,
+            self.vae,
+            self.safety_checker,
+            self.feature_extractor,
+            output_type,
+            device,
+            dtype,
+            self._page_out,
+        )
+        return pipeline_output(image, has_nsfw, return_dict)
 
     def _denoise(
         self,
@@ -486,7 +505,8 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         legacy_callback: Callable | None = None,
         legacy_callback_steps: int = 1,
     ) -> torch.Tensor:
-        """The LCM multistep sampler (Luo et al. 2023, Alg. 3). Returns the last consistency estimate `denoised`."""
+        """`sample_lcm` with the UNet (and guidance) as `predict`; the step hooks may read and replace the tensors
+        they asked for (the prompt embeddings too: `predict` reads them from the same state)."""
         self._num_timesteps = len(timesteps)
         self._do_cfg = cond.negative_embeds is not None
         state = {
@@ -496,16 +516,25 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
             "w_embedding": cond.w_embedding,
             "denoised": None,
         }
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return guided_prediction(
+                self.unet,
+                x_t,
+                t,
+                state["prompt_embeds"],
+                state["negative_prompt_embeds"],
+                state["w_embedding"],
+                cond.cfg_scale,
+                self._cross_attention_kwargs,
+            )
+
         with self.progress_bar(total=len(timesteps)) as bar:
-            for i, t in enumerate(timesteps):
-                # 1. the consistency function's raw prediction at (x_t, t, w, c)
-                x_t = state["latents"].to(state["prompt_embeds"].dtype)
-                model_pred = self._predict(x_t, t, state, cond.cfg_scale)
-                # 2. x0 estimate with the boundary scalings, then re-noise to the next timestep (not after the last)
-                state["latents"], state["denoised"] = self.scheduler.step(
-                    model_pred, t, x_t, generator=generator, return_dict=False
-                )
-                # 3. user hook: may read and replace any of the tensors it asked for
+
+            def after_step(
+                i: int, t: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                state["latents"], state["denoised"] = x, denoised
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {k: state[k] for k in callback_tensor_inputs})
                     if not isinstance(out, dict):
@@ -516,55 +545,14 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
                 if legacy_callback is not None and i % legacy_callback_steps == 0:
                     legacy_callback(i, t, state["latents"])
                 bar.update()
+                return state["latents"].to(state["prompt_embeds"].dtype), state["denoised"]
+
+            x_t = latents.to(cond.prompt_embeds.dtype)
+            denoised = sample_lcm(
+                predict, self.scheduler, x_t, timesteps, generator=generator, callback=after_step
+            )
         self._page_out(self.unet)
-        return state["denoised"].to(state["prompt_embeds"].dtype)
-
-    def _decode(
-        self,
-        denoised: torch.Tensor,
-        output_type: str,
-        device: torch.device,
-        dtype: torch.dtype,
-        return_dict: bool,
-    ) -> StableDiffusionPipelineOutput | tuple:
-        """VAE-decode the consistency estimate, screen it, convert to the requested type."""
-        if output_type == "latent":
-            image, has_nsfw = denoised, None
-        else:
-            image = self.vae.decode(denoised / self.vae.config.scaling_factor, return_dict=False)[0]
-            self._page_out(self.vae)
-            image, has_nsfw = run_safety_checker(
-                self.safety_checker, self.feature_extractor, image, device, dtype
-            )
-            self._page_out(self.safety_checker)
-        do_denormalize = [True] * image.shape[0] if has_nsfw is None else [not flag for flag in has_nsfw]
-        image = postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        if not return_dict:
-            return image, has_nsfw
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw)
-
-    def _set_call_state(
-        self, guidance_scale: float, clip_skip: int | None, cross_attention_kwargs: dict | None
-    ) -> None:
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-
-    @staticmethod
-    def _pop_legacy_callback(kwargs: dict) -> tuple[Callable | None, int]:
-        callback = kwargs.pop("callback", None)
-        steps = kwargs.pop("callback_steps", None)
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-        if callback is not None or steps is not None:
-            warnings.warn(
-                "`callback` and `callback_steps` are deprecated; use `callback_on_step_end`",
-                FutureWarning,
-                stacklevel=3,
-            )
-        if steps is not None and (not isinstance(steps, int) or steps <= 0):
-            raise ValueError(f"`callback_steps` has to be a positive integer but is {steps!r}")
-        return callback, steps or 1
+        return denoised.to(state["prompt_embeds"].dtype)
 
     def _set_timesteps(
         self,
