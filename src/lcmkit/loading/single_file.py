@@ -691,9 +691,11 @@ class FromSingleFileMixin:
 
         `overrides` may hold components that replace the file's (`unet=`, `vae=`, `text_encoder=`, `tokenizer=`,
         `scheduler=`, `feature_extractor=`), `config=` (a local diffusers folder whose configs replace the inferred
-        ones), `requires_safety_checker=` and `dtype=` (a synonym of `torch_dtype`). Single files carry no safety
-        checker: pass `safety_checker=` with a `feature_extractor=` to screen images.
+        ones), `requires_safety_checker=`, `dtype=` (a synonym of `torch_dtype`) and `fast_paths=` (as for
+        `from_pretrained`). Single files carry no safety checker: pass `safety_checker=` with a `feature_extractor=`
+        to screen images.
         """
+        fast_paths = overrides.pop("fast_paths", None)
         dtype = overrides.pop("dtype", None)
         torch_dtype = torch_dtype or dtype
         config = overrides.pop("config", None)
@@ -704,7 +706,7 @@ class FromSingleFileMixin:
         if unknown:
             raise TypeError(
                 f"from_single_file got unexpected arguments {unknown}; allowed: torch_dtype, prediction_type, "
-                f"safety_checker, config, requires_safety_checker, and the components {list(_COMPONENTS)}"
+                f"safety_checker, config, requires_safety_checker, fast_paths, and the components {list(_COMPONENTS)}"
             )
         components = load_single_file_components(
             pretrained_model_link_or_path,
@@ -716,6 +718,9 @@ class FromSingleFileMixin:
         components.update(overrides)
         if safety_checker is None:
             logger.info("single files carry no safety checker; images will not be screened")
-        return cls(
+        pipe = cls(
             **components, safety_checker=safety_checker, requires_safety_checker=requires_safety_checker
         )
+        if fast_paths is not None:
+            pipe.set_fast_paths(fast_paths)
+        return pipe
