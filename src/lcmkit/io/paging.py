@@ -5,7 +5,7 @@ resident set when a stage first reads them and stay there. A text-to-image call 
 (SD1.5: 3.4 GB in fp32), then the VAE decoder, whose activations at 512x512 are the largest of the call. Without
 paging, every model's weights are resident during the decode; with it, each model's clean file pages are released
 after its stage (`madvise(MADV_DONTNEED)`), so the peak is the largest single stage. Released pages stay in the
-kernel's page cache, and the next call reads them back from there (about 0.1 s per GB here).
+kernel's page cache, and the next call reads them back from there (`docs/performance.md` has the cost).
 
 Only pages that are present *and* still the file's own pages are released, read from `/proc/self/pagemap` (bit 63:
 present, bit 61: file page or shared). A page the process has written (a fused LoRA, any in-place edit: private

@@ -197,7 +197,8 @@ class UNet2DConditionModel(ModelMixin):
     """eps/v-prediction UNet conditioned on a timestep, text embeddings and (for LCM) a guidance embedding.
 
     The LCM w-embedding (`timestep_cond`) is added to the sinusoidal timestep features through
-    `time_embedding.cond_proj` before the time MLP (spec §1.6).
+    `time_embedding.cond_proj` before the time MLP (the w-conditioned consistency function of Luo et al. 2023,
+    arXiv:2310.04378).
     """
 
     config_class = UNetConfig
@@ -229,7 +230,7 @@ class UNet2DConditionModel(ModelMixin):
         self.fast_paths = paths
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        """Turn FreeU on for every up block (spec §3): skip factors s1, s2 and backbone factors b1, b2.
+        """Turn FreeU on for every up block (Si et al. 2023, arXiv:2309.11497): skip factors s1, s2 and backbone factors b1, b2.
 
         Recommended values: SD1.5 (0.9, 0.2, 1.5, 1.6), SD2.1 (0.9, 0.2, 1.4, 1.6).
         As in diffusers, a factor of 0 disables FreeU; we log that instead of staying silent.

@@ -82,9 +82,8 @@ class Attention(nn.Module):
         """(B, L, heads * dim_head) -> (B, heads, L, dim_head), made contiguous for CPU float32.
 
         The transposed view would do for `scaled_dot_product_attention`, but its CPU kernel reads that strided
-        layout much more slowly in float32: at 4096 tokens x 8 heads x 40 (the UNet at 512x512) 0.29 s a call
-        against 0.17 s including the copy, on a 2-core AVX-512 VM; same values. Other dtypes and devices keep the
-        view (not measured; half precision then rounds exactly as diffusers does).
+        layout much more slowly in float32 than a contiguous copy plus the call (`docs/performance.md`); same
+        values. Other dtypes and devices keep the view (half precision then rounds exactly as diffusers does).
         """
         heads = t.view(t.shape[0], -1, self.heads, self.dim_head).transpose(1, 2)
         return heads.contiguous() if t.device.type == "cpu" and t.dtype == torch.float32 else heads
