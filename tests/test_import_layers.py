@@ -19,24 +19,25 @@ import lcmkit
 PACKAGE = Path(lcmkit.__file__).parent
 
 # Lowest first. A module belongs to the longest prefix that names it.
+#   the package root (version, lazy public names), io (leaf helpers: model-file errors, weight files, pages, pixels)
+#   config (typed configs), runtime (FastPaths)
+#   nn (layers), schedulers (noise schedules, the LCM and DDIM steps, sample_lcm), models (UNet, VAEs, text, safety)
+#   loading (folders, single files, LoRA, textual inversion, the hub)
+#   accel (OpenVINO stand-ins for the UNet and the VAE decoder: below the pipelines, so a FastPaths backend may pick them)
+#   pipelines (the two LCM pipelines), request (one request for every front end), tiny (the demo model)
+#   spec (the model options of the CLI and the server), train, and the front ends: cli, server
 LAYERS: tuple[tuple[str, ...], ...] = (
-    (
-        "lcmkit",
-        "lcmkit.io",
-    ),  # the package root (version, lazy public names) and leaf helpers: files, pages, pixels
-    ("lcmkit.config", "lcmkit.runtime"),  # typed configs; the fast-path options
-    ("lcmkit.nn",),  # layers
-    ("lcmkit.schedulers",),  # noise schedules, the LCM and DDIM steps, seed-compatible noise
-    ("lcmkit.models",),  # UNet, VAEs, text encoder, safety checker
-    ("lcmkit.loading",),  # folders, single files, LoRA, textual inversion, the hub
-    ("lcmkit.pipelines",),  # the sampler, the two LCM pipelines
-    (
-        "lcmkit.request",
-        "lcmkit.tiny",
-        "lcmkit.accel",
-    ),  # one request for every front end; demo model; OpenVINO
-    ("lcmkit.spec", "lcmkit.train"),  # model options of the CLI and the server; training
-    ("lcmkit.cli", "lcmkit.server", "lcmkit.__main__"),  # front ends
+    ("lcmkit", "lcmkit.io"),
+    ("lcmkit.config", "lcmkit.runtime"),
+    ("lcmkit.nn",),
+    ("lcmkit.schedulers",),
+    ("lcmkit.models",),
+    ("lcmkit.loading",),
+    ("lcmkit.accel",),
+    ("lcmkit.pipelines",),
+    ("lcmkit.request", "lcmkit.tiny"),
+    ("lcmkit.spec", "lcmkit.train"),
+    ("lcmkit.cli", "lcmkit.server", "lcmkit.__main__"),
 )
 
 

@@ -10,7 +10,10 @@ Some are bitwise the same as the reference arithmetic, the others sum in another
     pipe.set_fast_paths(dataclasses.replace(pipe.fast_paths, conv_winograd="off"))
 
 Combinations where one path would silently switch another off raise a `ValueError` naming both. `backend` leaves
-room for other engines: "torch" is the only one today (the OpenVINO mode is `lcmkit.accel`, applied separately).
+room for other engines: "torch" is the only one today (the OpenVINO mode is `lcmkit.accel`, applied separately). An
+OpenVINO backend would add "openvino" to `BACKENDS`, a `FastPaths.fast()` preset selecting it, and a branch in
+`PipelineComponents.set_fast_paths` handing the UNet and the VAE decoder to `lcmkit.accel`, which sits below the
+pipelines in the layer order for that reason.
 """
 
 from __future__ import annotations
