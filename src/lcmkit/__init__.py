@@ -23,6 +23,8 @@ _EXPORTS = {
     "ModelFileError": "lcmkit.io.errors",
     "UNetConfig": "lcmkit.config",
     "VAEConfig": "lcmkit.config",
+    "FastPaths": "lcmkit.runtime",
+    "sample_lcm": "lcmkit.schedulers.sampling",
 }
 
 __all__ = sorted(_EXPORTS)
