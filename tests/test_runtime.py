@@ -172,3 +172,19 @@ def test_the_older_switches_build_a_new_fast_paths(pipe):
         pipe.set_fast_paths(FastPaths.default())
         pipe.unet.set_fast_paths(FastPaths.default())
         pipe.vae.set_fast_paths(FastPaths.default())
+
+
+@pytest.mark.parametrize("channels", [(32, 32), (32, 64)])
+def test_the_bitwise_resnet_paths_are_bitwise(channels):
+    """`inplace_activations` and `residual_into_conv` claim the reference's bits: a block with both off (the
+    reference forward) and with each on gives the same tensor, on a map large enough for the fused convolution."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(*channels, temb_channels=None, groups=8).eval()
+    block.sum_into_input = True
+    x = torch.randn(1, channels[0], 40, 40)
+    outputs = []
+    with torch.no_grad():
+        for inplace, residual in ((False, False), (True, False), (False, True), (True, True)):
+            block.inplace_activations, block.residual_into_conv = inplace, residual
+            outputs.append(block(x.clone()))
+    assert all(torch.equal(out, outputs[0]) for out in outputs[1:])

@@ -3,8 +3,9 @@
 Each layer's `forward` reads like the reference (diffusers' layer) and hands over to one function here where its
 fast path is on (`lcmkit.runtime.FastPaths`, applied by `lcmkit.nn.paths.apply_fast_paths`). A function returns None
 where its path does not apply to this call (autograd, another dtype or device, a graph being captured, a forward
-hook that must see the reference's tensors), and the layer then runs the reference arithmetic. Every check of
-graph capture and hooks lives here. `docs/performance.md` has what each path measured.
+hook that must see the reference's tensors), and the layer then runs the reference arithmetic (`resnet_block`
+instead falls back inside itself: under autograd it is the reference sum). Every check of graph capture and hooks
+lives here. `docs/performance.md` has what each path measured.
 
 - Convolutions (`conv2d`, `conv2d_add_into`): 3x3 convolutions on small maps use a weight pre-packed in oneDNN's
   blocked layout, so oneDNN does not reorder it on every call (outputs agree to float rounding, about 1e-6
@@ -251,7 +252,9 @@ def resnet_block(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -
     owns x (the shortcut's fresh output, or the block's input when `sum_into_input` says nothing reads it again).
     Addition is commutative in floating point, so every order here gives the reference's bits.
     """
-    reuse = block.inplace_activations and not (block.norm1._forward_hooks or block.norm2._forward_hooks)
+    # in-place writes would break autograd, and a hook on a norm may keep its input or output
+    free = not torch.is_grad_enabled() and not (block.norm1._forward_hooks or block.norm2._forward_hooks)
+    reuse = free and block.inplace_activations
     h = block.conv1(F.silu(block.norm1(x), inplace=reuse))
     if block.time_emb_proj is not None and temb is not None:
         step = block.time_emb_proj(F.silu(temb))[:, :, None, None]
@@ -264,7 +267,13 @@ def resnet_block(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -
         owned = block.sum_into_input and not forward_hooked(block)
     # lcmkit's Conv2d has `add_into`; a plain nn.Conv2d, or a LoRA wrapper (whose adapters add their own path), not
     add_into = getattr(type(block.conv2), "add_into", None)
-    fuse = block.residual_into_conv and owned and add_into is not None and not forward_hooked(block.conv2)
+    fuse = (
+        free
+        and block.residual_into_conv
+        and owned
+        and add_into is not None
+        and not forward_hooked(block.conv2)
+    )
     out = add_into(block.conv2, h, x) if fuse else None  # x + conv2(h), written into x
     if out is None:
         h = block.conv2(h)
