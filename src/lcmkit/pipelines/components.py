@@ -112,8 +112,8 @@ class PipelineComponents:
 
     @classmethod
     def from_pipe(cls, pipe: PipelineComponents, **overrides: Any) -> PipelineComponents:
-        """Build this pipeline kind from another one's components, without copying weights (nor fast paths:
-        the new pipeline keeps `pipe.fast_paths`)."""
+        """Build this pipeline kind from another one's components, without copying weights; the models keep the
+        fast paths they run, and the new pipeline reports the same `fast_paths`."""
         comps = {**pipe.components, **overrides}
         new = cls(**comps, requires_safety_checker=pipe.requires_safety_checker)
         new._fast_paths = pipe.fast_paths
