@@ -42,6 +42,7 @@ from lcmkit.loading.folders import load_components
 from lcmkit.models.text import encode_prompt
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.nn.lora import scale_lora
+from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
 from lcmkit.schedulers import LCMScheduler
 from lcmkit.schedulers.lcm_math import (
     boundary_scalings,
@@ -358,8 +359,6 @@ def save_lcm_folder(
     target: UNet2DConditionModel | None = None,
 ) -> Path:
     """Write a complete LCM folder: the student, the teacher's VAE / text encoder / tokenizer, an LCMScheduler."""
-    from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
-
     parts, _ = load_components(
         teacher_folder, overrides={**_NO_SAFETY, "unet": student, "scheduler": scheduler}
     )
