@@ -11,17 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import TAESD_8_ONE_BLOCK as SMALL
 
 from lcmkit.config import ConfigError
 from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig, _paste_tiles
-
-# Four stages like TAESD (8 pixels per latent), but 8 channels and one block per stage: fast on a CPU.
-SMALL = TinyVAEConfig(
-    encoder_block_out_channels=(8, 8, 8, 8),
-    decoder_block_out_channels=(8, 8, 8, 8),
-    num_encoder_blocks=(1, 1, 1, 1),
-    num_decoder_blocks=(1, 1, 1, 1),
-)
 
 
 @pytest.fixture(scope="module")

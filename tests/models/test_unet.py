@@ -12,24 +12,12 @@ import logging
 
 import pytest
 import torch
+from helpers.tiny_models import SMALL_UNET as CONFIG
 
-from lcmkit.config import ConfigError, UNetConfig, replace
+from lcmkit.config import ConfigError, replace
 from lcmkit.models.unet import UNet2DConditionModel, UNet2DConditionOutput
 from lcmkit.nn.conv import set_conv_prepacking
 from lcmkit.nn.freeu import apply_freeu, fourier_filter
-
-CONFIG = UNetConfig(
-    sample_size=8,
-    block_out_channels=(8, 16),
-    down_attention=(True, False),
-    up_attention=(False, True),
-    layers_per_block=(1, 1),
-    transformer_layers_per_block=(1, 1),
-    attention_head_dim=(2, 2),
-    cross_attention_dim=12,
-    norm_num_groups=4,
-    time_cond_proj_dim=6,
-)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -126,14 +126,10 @@ def test_to_dtype_moves_every_model(tiny_folders):
 
 def _tiny_safety_parts(flag_everything: bool):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
+    from helpers.tiny_models import tiny_safety_clip_config
+    from transformers import CLIPImageProcessor
 
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=4),
-        projection_dim=32,
-    )  # fmt: skip
+    config = tiny_safety_clip_config()
     torch.manual_seed(0)
     checker = StableDiffusionSafetyChecker(config).eval()
     with torch.no_grad():
