@@ -10,13 +10,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers.tiny_models import SMALL_VAE as TINY
 
 from lcmkit.config import VAEConfig
 from lcmkit.models.vae import AutoencoderKL, DiagonalGaussianDistribution, _blend
 from lcmkit.nn.conv import set_conv_winograd, winograd_available
 from lcmkit.runtime import FastPaths
-
-TINY = VAEConfig(block_out_channels=(4, 8), latent_channels=4, norm_num_groups=2, sample_size=32)
 
 
 @pytest.fixture(scope="module")
