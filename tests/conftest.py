@@ -23,8 +23,8 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
-    """name -> diffusers-saved pipeline folder, for every spec in helpers.tiny_diffusers.SPECS."""
-    from helpers.tiny_diffusers import SPECS, save_diffusers_pipeline
+    """name -> diffusers-saved pipeline folder, for every spec in helpers.tiny_models.SPECS."""
+    from helpers.tiny_models import SPECS, save_diffusers_pipeline
 
     return {
         name: save_diffusers_pipeline(spec, tmp_path_factory.mktemp(f"pipe_{name}"), tokenizer_dir)

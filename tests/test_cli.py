@@ -136,13 +136,12 @@ def test_negative_prompt_and_switches_reach_the_pipeline(model, tmp_path, capsys
 def test_tiny_vae_fast_mode(model, tmp_path, capsys):
     """--tiny-vae decodes with an AutoencoderTiny folder (random weights here: this checks the wiring)."""
     import torch
+    from helpers.tiny_models import TAESD_8
 
-    from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
+    from lcmkit.models.tiny_vae import AutoencoderTiny
 
     torch.manual_seed(0)
-    AutoencoderTiny(
-        TinyVAEConfig(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
-    ).save_pretrained(tmp_path / "taesd")
+    AutoencoderTiny(TAESD_8).save_pretrained(tmp_path / "taesd")
     argv = ["generate", "a red circle", "--model", str(model), "--out", str(tmp_path / "o"), "--steps", "1",
             "--seed", "3", "--tiny-vae", str(tmp_path / "taesd"), "--quiet"]  # fmt: skip
     assert main(argv) == 0
@@ -174,16 +173,16 @@ def test_openvino_fast_mode(model, tmp_path, capsys, monkeypatch):
 def test_openvino_installs_the_unet_and_the_vae_decoder(model, tmp_path, monkeypatch):
     """--openvino puts both the UNet and the full VAE's decoder on OpenVINO; a --tiny-vae stays eager."""
     pytest.importorskip("openvino")
+    from helpers.tiny_models import TAESD_8
+
     from lcmkit.accel import OpenVINOUNetPerShape, OpenVINOVAEDecoder
-    from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
+    from lcmkit.models.tiny_vae import AutoencoderTiny
 
     monkeypatch.setenv("LCMKIT_OPENVINO_CACHE", str(tmp_path / "cache"))
     argv = ["generate", "a red circle", "--model", str(model), "--openvino", "fp32"]
     pipe, _ = load_pipeline(cli.model_spec(cli.build_parser().parse_args(argv)))
     assert isinstance(pipe.unet, OpenVINOUNetPerShape) and isinstance(pipe.vae.decoder, OpenVINOVAEDecoder)
-    AutoencoderTiny(
-        TinyVAEConfig(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
-    ).save_pretrained(tmp_path / "taesd")
+    AutoencoderTiny(TAESD_8).save_pretrained(tmp_path / "taesd")
     args = cli.build_parser().parse_args([*argv, "--tiny-vae", str(tmp_path / "taesd")])
     pipe, _ = load_pipeline(cli.model_spec(args))
     assert isinstance(pipe.unet, OpenVINOUNetPerShape) and isinstance(pipe.vae, AutoencoderTiny)

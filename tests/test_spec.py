@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import TAESD_8
 from safetensors.torch import save_file
 from torch import nn
 
 import lcmkit.spec
 from lcmkit import LatentConsistencyModelPipeline
-from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
+from lcmkit.models.tiny_vae import AutoencoderTiny
 from lcmkit.spec import DEFAULT_MODEL, ModelSpec, SpecError, device_and_dtype, fetch, load_pipeline
 
 
@@ -61,8 +62,7 @@ def image(pipe, seed: int = 3) -> np.ndarray:
 
 def taesd_folder(folder: Path) -> Path:
     torch.manual_seed(0)
-    config = TinyVAEConfig(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
-    AutoencoderTiny(config).save_pretrained(folder)
+    AutoencoderTiny(TAESD_8).save_pretrained(folder)
     return folder
 
 

@@ -20,9 +20,11 @@ _EXPORTS = {
     "AutoencoderTiny": "lcmkit.models.tiny_vae",
     "TinyVAEConfig": "lcmkit.models.tiny_vae",
     "SafetyChecker": "lcmkit.models.safety",
-    "ModelFileError": "lcmkit.loading.errors",
+    "ModelFileError": "lcmkit.io.errors",
     "UNetConfig": "lcmkit.config",
     "VAEConfig": "lcmkit.config",
+    "FastPaths": "lcmkit.runtime",
+    "sample_lcm": "lcmkit.schedulers.sampling",
 }
 
 __all__ = sorted(_EXPORTS)

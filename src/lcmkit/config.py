@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError
+from lcmkit.io.errors import MissingModelFileError, ModelFileError
 
 logger = logging.getLogger(__name__)
 

@@ -279,7 +279,7 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     name = spec.model_name
     spec = fetch(spec)
     device, dtype = device_and_dtype(spec)
-    from lcmkit import LatentConsistencyModelPipeline
+    from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
 
     tiny_vae = None
     if spec.tiny_vae:

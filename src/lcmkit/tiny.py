@@ -7,12 +7,12 @@ standard `CLIPTokenizer` reads like any other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from lcmkit.config import UNetConfig, VAEConfig
+from lcmkit.io.tokenizer import bytes_to_unicode, write_char_clip_tokenizer  # noqa: F401  (re-exported)
 
 TINY_UNET = UNetConfig(
     sample_size=16,
@@ -27,45 +27,6 @@ TINY_UNET = UNetConfig(
     time_cond_proj_dim=32,
 )
 TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable character: the reversible table of GPT-2/CLIP byte-level BPE (256 entries).
-
-    Printable bytes map to themselves and come first (the vocabulary's order); the rest map past Latin-1.
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in table):
-        table[b] = chr(256 + n)
-    return table
-
-
-def write_char_clip_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
-    """Write vocab.json / merges.txt / configs of a character-level CLIP tokenizer (514 tokens) to `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": model_max_length,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2)
-    )
-    return folder
 
 
 def build_tiny_lcm(folder: str | Path, seed: int = 0) -> Path:

@@ -20,8 +20,8 @@ import copy
 import pytest
 import torch
 
-from lcmkit.config import VAEConfig
 from lcmkit.models.vae import AutoencoderKL
+from lcmkit.tiny import TINY_VAE
 
 pytest.importorskip("openvino", reason="the OpenVINO fast mode is an optional extra (lcmkit[openvino])")
 
@@ -31,7 +31,7 @@ from lcmkit.accel import openvino as ov_module  # noqa: E402
 FP32_TOL = 1e-5
 INT8_WEIGHTS_REL_RMS = 0.05
 # 4 latent channels, vae_scale_factor 2, a mid-block attention: every kind of layer the SD decoder has
-CONFIG = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
+CONFIG = TINY_VAE
 TILE_LATENT, TILE_SAMPLE = 8, 16  # tile stride 6 latents: 12x20 latents make a 2x4 grid of 4 distinct shapes
 
 

@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from helpers.tiny_models import SMALL_UNET as CONFIG
 from safetensors.torch import save_file
 from torch import nn
 
@@ -32,18 +33,6 @@ from lcmkit.loading.lora import (
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.nn.conv import set_conv_prepacking
 
-CONFIG = UNetConfig(
-    sample_size=8,
-    block_out_channels=(8, 16),
-    down_attention=(True, False),
-    up_attention=(False, True),
-    layers_per_block=(1, 1),
-    transformer_layers_per_block=(1, 1),
-    attention_head_dim=(2, 2),
-    cross_attention_dim=12,
-    norm_num_groups=4,
-    time_cond_proj_dim=6,
-)
 TARGETS = ("to_q", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv_shortcut", "downsamplers.0.conv")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.original_layout import original_state_dict, save_original
+from helpers.tiny_models import DIFFUSERS_SD1_MINIATURE_UNET, DIFFUSERS_SD1_MINIATURE_VAE
 from safetensors.torch import save_file
 
 from lcmkit import LatentConsistencyModelPipeline, UNetConfig, VAEConfig
@@ -40,24 +41,8 @@ def tiny_modules() -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        sample_size=16,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        time_cond_proj_dim=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 32, 64],
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        norm_num_groups=32,
-        layers_per_block=2,
-    )
+    unet = UNet2DConditionModel(**DIFFUSERS_SD1_MINIATURE_UNET)
+    vae = AutoencoderKL(**DIFFUSERS_SD1_MINIATURE_VAE)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=1000,

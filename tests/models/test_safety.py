@@ -18,6 +18,7 @@ import torch
 from diffusers import LatentConsistencyModelPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from helpers.tiny_models import tiny_safety_clip_config
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPImageProcessor
 
@@ -28,17 +29,7 @@ IMAGE_SIZE = 32
 
 
 def tiny_config() -> CLIPConfig:
-    return CLIPConfig(
-        text_config=dict(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
-            bos_token_id=0, eos_token_id=2, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            image_size=IMAGE_SIZE, patch_size=4,
-        ),
-        projection_dim=32,
-    )  # fmt: skip
+    return tiny_safety_clip_config(IMAGE_SIZE)
 
 
 def clip_input(batch: int = 4, seed: int = 0) -> torch.Tensor:

@@ -11,23 +11,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference
+from helpers.tiny_models import TAESD_8_ONE_BLOCK as SMALL
 
 from lcmkit.config import ConfigError
 from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig, _paste_tiles
-
-# Four stages like TAESD (8 pixels per latent), but 8 channels and one block per stage: fast on a CPU.
-SMALL = TinyVAEConfig(
-    encoder_block_out_channels=(8, 8, 8, 8),
-    decoder_block_out_channels=(8, 8, 8, 8),
-    num_encoder_blocks=(1, 1, 1, 1),
-    num_decoder_blocks=(1, 1, 1, 1),
-)
 
 
 @pytest.fixture(scope="module")
 def vae() -> AutoencoderTiny:
     torch.manual_seed(0)
     return AutoencoderTiny(SMALL).eval()
+
+
+def diffusers_twin(model: AutoencoderTiny):
+    """diffusers' AutoencoderTiny built from `model`'s config and holding its exact weights: the reference."""
+    diffusers = pytest.importorskip("diffusers")
+
+    # block_out_channels is the pipelines' alias of the decoder's widths, not a constructor argument
+    skip = {"_class_name", "block_out_channels"}
+    config = {k: v for k, v in model.config.to_diffusers().items() if k not in skip}
+    ref = diffusers.AutoencoderTiny(**config).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref
 
 
 def test_default_config_has_the_taesd_checkpoint_layout():
@@ -81,16 +87,26 @@ def test_config_refuses_another_class():
         TinyVAEConfig.from_diffusers({"_class_name": "AutoencoderKL", "block_out_channels": [128, 256]})
 
 
-def test_shapes_range_and_latent_storage(vae):
-    """8 pixels per latent both ways; decode lands in [-1, 1] up to the last conv; scale/unscale invert each other
-    inside [0, 1]; forward equals decode of the 8-bit-rounded latents."""
+def test_encode_decode_match_diffusers_and_latent_storage(vae):
+    """8 pixels per latent both ways, with the values of diffusers' AutoencoderTiny holding the same weights
+    (<= 1e-5); scale/unscale invert each other inside [0, 1]; forward equals decode of the 8-bit-rounded latents."""
+    ref = diffusers_twin(vae)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 48, 40, generator=g) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).latents
         assert z.shape == (2, 4, 6, 5)
+        assert_close_to_reference(z, ref.encode(x).latents, atol=1e-5, what="latents")
         image = vae.decode(z).sample
         assert image.shape == (2, 3, 48, 40)
+        assert_close_to_reference(image, ref.decode(z).sample, atol=1e-5, what="decoded image")
+        wide = torch.randn(2, 4, 6, 5, generator=g) * 3  # TAESD-sized latents reach the decoder's tanh clamp
+        assert_close_to_reference(
+            vae.decode(wide).sample, ref.decode(wide).sample, atol=1e-5, what="decoded wide"
+        )
+        assert_close_to_reference(
+            vae.scale_latents(z), ref.scale_latents(z), atol=1e-6, what="stored latents"
+        )
         assert vae.encode(x, return_dict=False)[0].equal(z)
         stored = vae.scale_latents(z)
         assert stored.min() >= 0 and stored.max() <= 1
@@ -211,15 +227,25 @@ def test_pipeline_takes_the_tiny_vae_as_its_vae(tmp_path):
 
 
 def test_img2img_takes_the_tiny_vae(tmp_path):
+    """img2img with the tiny VAE as its `vae` gives diffusers' LCM img2img image when diffusers' pipeline holds the
+    same folder's weights and an AutoencoderTiny with the same weights (<= 1e-4)."""
+    diffusers = pytest.importorskip("diffusers")
     from lcmkit import LatentConsistencyModelImg2ImgPipeline
     from lcmkit.tiny import build_tiny_lcm
 
-    pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(
-        build_tiny_lcm(tmp_path / "lcm"), safety_checker=None
+    folder = build_tiny_lcm(tmp_path / "lcm")
+    pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(folder, safety_checker=None)
+    ref = diffusers.LatentConsistencyModelImg2ImgPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
     )
-    pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
     pipe.vae = AutoencoderTiny(SMALL).eval()
-    image = torch.rand(1, 3, 64, 48)
-    out = pipe("a cat", image=image, strength=0.5, num_inference_steps=2, output_type="pt").images
-    assert out.shape == (1, 3, 64, 48)
+    ref.vae = diffusers_twin(pipe.vae)
+    image = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(image=image, strength=0.5, num_inference_steps=2, output_type="pt")
+    images = []
+    for p in (pipe, ref):
+        p.set_progress_bar_config(disable=True)
+        images.append(p("a cat", generator=torch.Generator().manual_seed(2), **kwargs).images)
+    assert images[0].shape == (1, 3, 64, 48)
+    assert_close_to_reference(images[0], images[1], atol=1e-4, what="img2img image through the tiny VAE")

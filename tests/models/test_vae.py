@@ -6,14 +6,16 @@ formulas written out here, and the contracts around them: slicing, tiling bookke
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from helpers.tiny_models import SMALL_VAE as TINY
 
 from lcmkit.config import VAEConfig
 from lcmkit.models.vae import AutoencoderKL, DiagonalGaussianDistribution, _blend
 from lcmkit.nn.conv import set_conv_winograd, winograd_available
-
-TINY = VAEConfig(block_out_channels=(4, 8), latent_channels=4, norm_num_groups=2, sample_size=32)
+from lcmkit.runtime import FastPaths
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +206,8 @@ def test_memory_format_modes(vae, mode):
         with torch.no_grad():
             vae.set_memory_format("contiguous")
             ref = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+            if mode == "channels_last":  # forced channels-last leaves no level for Winograd: turned off first
+                vae.set_fast_paths(replace(vae.fast_paths, conv_winograd="off"))
             vae.set_memory_format(mode)
             seen.clear()
             out = vae.decode(z).sample, vae.encode(x).latent_dist.mean
@@ -215,7 +219,7 @@ def test_memory_format_modes(vae, mode):
             vae.double().decode(z.double())  # "auto" keeps float64 (and other dtypes, other devices) NCHW
             assert seen == [mode != "channels_last"] * 3
     finally:
-        vae.float().set_memory_format("auto")
+        vae.float().set_fast_paths(FastPaths.default())
         for h in hooks:
             h.remove()
 
@@ -267,7 +271,11 @@ def test_levels_taking_winograd_run_nchw_and_the_rest_channels_last():
     for a, b in zip(out, plain, strict=True):
         assert a.is_contiguous()
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    vae.set_memory_format("channels_last")  # forced channels-last: no Winograd anywhere
+    with pytest.raises(
+        ValueError, match="conv_winograd"
+    ):  # channels-last would silently drop the Winograd levels
+        vae.set_memory_format("channels_last")
+    vae.set_fast_paths(FastPaths(vae_memory_format="channels_last", conv_winograd="off"))
     seen.clear()
     with torch.no_grad():
         vae.decode(z), vae.encode(x)

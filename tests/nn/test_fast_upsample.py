@@ -108,13 +108,13 @@ def test_upsample_layer_made_under_inference_mode():
 def test_upsample_auto_takes_the_subpixel_form_on_large_inputs_only(monkeypatch):
     """subpixel="auto": sub-pixel form from SUBPIXEL_MIN_PIXELS input pixels on (same values up to rounding), the
     reference form below that, for other output sizes and while a graph is traced."""
-    from lcmkit.nn import sampling
+    from lcmkit.nn import fast
     from lcmkit.nn.sampling import SUBPIXEL_MIN_PIXELS, Upsample2D
 
     calls = []
-    real = sampling.nearest2x_conv3x3
+    real = fast.nearest2x_conv3x3
     monkeypatch.setattr(
-        sampling, "nearest2x_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
+        fast, "nearest2x_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
     )
     torch.manual_seed(0)
     layer = Upsample2D(8, subpixel="auto").eval()

@@ -106,11 +106,11 @@ def test_a_shortcut_block_sums_into_its_own_shortcut_output():
 
 
 def test_the_vae_sums_into_its_blocks_inputs_but_not_into_the_latents():
-    from lcmkit.config import VAEConfig
     from lcmkit.models.vae import AutoencoderKL
+    from lcmkit.tiny import TINY_VAE
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8)).eval()
+    vae = AutoencoderKL(TINY_VAE).eval()
     blocks = [m for m in vae.modules() if isinstance(m, ResnetBlock2D)]
     assert blocks and all(b.sum_into_input for b in blocks)
     z = torch.randn(1, 4, 40, 40)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference
 
 from lcmkit.schedulers.ddim import DDIMScheduler, DDIMSchedulerConfig, sample_ddim
 from lcmkit.train.teacher import ddpm_scheduler_config
@@ -89,8 +90,8 @@ def test_step_matches(name: str, steps: int) -> None:
         model_output = torch.randn(x.shape, generator=generator) * 2  # large enough to hit the clipping
         expected = ref.step(model_output, t, x, eta=0.0)
         got = ours.step(model_output, t, x)
-        torch.testing.assert_close(got.prev_sample, expected.prev_sample, atol=ATOL, rtol=0)
-        torch.testing.assert_close(got.pred_original_sample, expected.pred_original_sample, atol=ATOL, rtol=0)
+        assert_close_to_reference(got.prev_sample, expected.prev_sample, atol=ATOL)
+        assert_close_to_reference(got.pred_original_sample, expected.pred_original_sample, atol=ATOL)
         x = expected.prev_sample
 
 
@@ -148,4 +149,4 @@ def test_sample_ddim_matches_diffusers_loop(guidance_scale: float, steps: int) -
         else:
             eps = model(x, t, cond)[0]
         x = ref.step(eps, t, x, eta=0.0).prev_sample
-    torch.testing.assert_close(got, x, atol=1e-5, rtol=0)
+    assert_close_to_reference(got, x, atol=1e-5)

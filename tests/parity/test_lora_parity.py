@@ -17,6 +17,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference, max_abs_diff
 from torch import nn
 
 from lcmkit.loading.lora import LoraLayer, LoraLoaderMixin
@@ -117,16 +118,12 @@ def images(pipe, **kwargs) -> np.ndarray:
     return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
 
 
-def max_diff(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
 def assert_parity(pipes, baseline=None, **kwargs) -> np.ndarray:
     ours, ref = pipes
     a, b = images(ours, **kwargs), images(ref, **kwargs)
-    assert max_diff(a, b) <= TOL, f"lcmkit vs diffusers: {max_diff(a, b):.3g}"
+    assert_close_to_reference(a, b, atol=TOL, what="image")
     if baseline is not None:
-        assert max_diff(a, baseline) > 100 * TOL, "the LoRA did not change the image"
+        assert max_abs_diff(a, baseline) > 100 * TOL, "the LoRA did not change the image"
     return a
 
 
@@ -148,13 +145,13 @@ def test_kohya_unet_and_text_encoder_unfused_and_fused(pipes, loras):
     ref.fuse_lora()
     assert ours.num_fused_loras == 1 and ours.fused_loras == {"k"}
     fused = assert_parity(pipes, baseline=plain)
-    assert max_diff(fused, unfused) <= TOL
+    assert_close_to_reference(fused, unfused, atol=TOL, what="image")
     ours.unfuse_lora()
     assert ours.num_fused_loras == 0
     for c, sd_before in weights.items():
         after = getattr(ours, c).state_dict()
         assert all(torch.equal(after[k], v) for k, v in sd_before.items()), c
-    assert max_diff(images(ours), unfused) == 0.0
+    assert max_abs_diff(images(ours), unfused) == 0.0
 
 
 def test_two_adapters_with_weights(pipes, loras):
@@ -185,11 +182,11 @@ def test_runtime_scale_and_disable(pipes, loras):
         pipe.load_lora_weights(loras["kohya_unet"], adapter_name="k")
     full = images(ours)
     assert_parity(pipes, baseline=full, cross_attention_kwargs={"scale": 0.5})
-    assert max_diff(images(ours), full) == 0.0  # the scale applied to that call only
+    assert max_abs_diff(images(ours), full) == 0.0  # the scale applied to that call only
     ours.disable_lora()
-    assert max_diff(images(ours), plain) == 0.0
+    assert max_abs_diff(images(ours), plain) == 0.0
     ours.enable_lora()
-    assert max_diff(images(ours), full) == 0.0
+    assert max_abs_diff(images(ours), full) == 0.0
 
 
 def test_runtime_scale_with_text_encoder_lora(pipes, loras):
@@ -207,9 +204,9 @@ def test_runtime_scale_with_text_encoder_lora(pipes, loras):
     a = ours(prompt_embeds=embeds, generator=torch.Generator().manual_seed(0), **kwargs).images
     b = ref(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
     c = ours(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert max_diff(a, b) <= TOL
-    assert max_diff(c, b) <= TOL
-    assert max_diff(a, images(ours)) > 100 * TOL
+    assert_close_to_reference(a, b, atol=TOL, what="image")
+    assert_close_to_reference(c, b, atol=TOL, what="image")
+    assert max_abs_diff(a, images(ours)) > 100 * TOL
 
 
 def test_unload_restores_plain_modules_and_fused_unload_keeps_fusion(ours, loras):
@@ -224,15 +221,15 @@ def test_unload_restores_plain_modules_and_fused_unload_keeps_fusion(ours, loras
     assert ours.get_list_adapters() == {}
     assert ours.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") is to_q
     assert not any(isinstance(m, LoraLayer) for c in (ours.unet, ours.text_encoder) for m in c.modules())
-    assert max_diff(images(ours), plain) == 0.0
+    assert max_abs_diff(images(ours), plain) == 0.0
 
     ours.load_lora_weights(loras["kohya_unet"], adapter_name="k")
     ours.fuse_lora()
     fused = images(ours)
     ours.unload_lora_weights()
     assert not any(isinstance(m, LoraLayer) for m in ours.unet.modules())
-    assert max_diff(fused, plain) > 100 * TOL
-    assert max_diff(images(ours), fused) == 0.0
+    assert max_abs_diff(fused, plain) > 100 * TOL
+    assert max_abs_diff(images(ours), fused) == 0.0
 
 
 def test_text_encoder_kohya_matches_reference(pipes, loras):
@@ -401,4 +398,4 @@ def test_lcm_lora_on_plain_sd_unet_with_cfg_and_negative_prompt(tiny_folders, fu
     kwargs = dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt="blurry", output_type="np")
     a = ours(PROMPT, generator=torch.Generator().manual_seed(7), **kwargs).images
     b = ref(PROMPT, generator=torch.Generator().manual_seed(7), **kwargs).images
-    assert max_diff(a, b) <= TOL
+    assert_close_to_reference(a, b, atol=TOL, what="image")

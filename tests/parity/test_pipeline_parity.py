@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference
 
 TOL = 1e-4
 PROMPTS = ["a red circle on a blue background", "a small green square at the top left"]
@@ -52,12 +53,6 @@ def both(pipes, name, kind, seeds, **kwargs):
     return a, b
 
 
-def assert_close(a, b, tol=TOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    diff = float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
-    assert diff <= tol, f"max abs diff {diff:.3g} > {tol}"
-
-
 def test_state_dict_keys_identical(pipes):
     """Our modules expose exactly diffusers' parameter names and shapes."""
     for (_name, kind), (ours, ref) in pipes.items():
@@ -73,7 +68,7 @@ def test_state_dict_keys_identical(pipes):
 def test_text2img_sd15_single_generator(pipes, steps):
     a, b = both(pipes, "sd15", "t2i", 0, prompt=PROMPTS[0], num_inference_steps=steps, guidance_scale=6.0)
     assert a.shape == (1, 32, 32, 3)
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_text2img_sd15_batch_generator_list(pipes):
@@ -89,7 +84,7 @@ def test_text2img_sd15_batch_generator_list(pipes):
         guidance_scale=8.5,
     )
     assert a.shape == (4, 32, 32, 3)
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_text2img_sd2_vpred_freeu_odd_latents(pipes):
@@ -116,7 +111,7 @@ def test_text2img_sd2_vpred_freeu_odd_latents(pipes):
         ours.disable_freeu()
         ref.disable_freeu()
     assert a.shape == (2, 40, 56, 3)
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
     assert np.abs(plain - a).max() > 1e-3, "FreeU had no effect"
 
 
@@ -132,7 +127,7 @@ def test_text2img_vae_tiling(pipes):
     finally:
         ours.vae.disable_tiling()
         ref.vae.disable_tiling()
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
     untiled = ours(
         prompt=PROMPTS, generator=gens([5, 6]), height=64, width=64, num_inference_steps=2, output_type="np"
     )
@@ -146,20 +141,20 @@ def test_text2img_vae_slicing(pipes):
         a, b = both(pipes, "sd15", "t2i", [7, 8], prompt=PROMPTS, num_inference_steps=2)
     finally:
         ours.disable_vae_slicing()
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_text2img_custom_timesteps_and_original_steps(pipes):
     a, b = both(pipes, "sd15", "t2i", 9, prompt=PROMPTS[0], timesteps=[999, 639, 259])
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
     a, b = both(pipes, "sd2", "t2i", 9, prompt=PROMPTS[0], num_inference_steps=3, original_inference_steps=40)
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_text2img_given_latents(pipes):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11))
     a, b = both(pipes, "sd15", "t2i", 12, prompt=PROMPTS, latents=latents, num_inference_steps=2)
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def _input_image(w=48, h=40):
@@ -180,7 +175,7 @@ def test_img2img_sd15(pipes, strength, steps):
         num_inference_steps=steps,
     )
     assert a.shape == (1, 40, 48, 3)
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_img2img_batch_generator_list_and_input_kinds(pipes):
@@ -191,7 +186,7 @@ def test_img2img_batch_generator_list_and_input_kinds(pipes):
         a, b = both(
             pipes, "sd15", "i2i", [31, 32], prompt=PROMPTS, image=image, strength=0.7, num_inference_steps=2
         )
-        assert_close(a, b)
+        assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_img2img_sd2_num_images_per_prompt(pipes):
@@ -206,7 +201,7 @@ def test_img2img_sd2_num_images_per_prompt(pipes):
         strength=0.5,
     )
     assert a.shape == (2, 48, 64, 3)
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_img2img_tiled_encode_and_decode(pipes):
@@ -222,7 +217,7 @@ def test_img2img_tiled_encode_and_decode(pipes):
     finally:
         ours.vae.disable_tiling()
         ref.vae.disable_tiling()
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_output_types_agree(pipes):
@@ -292,6 +287,6 @@ def test_clip_skip_matches_hidden_state_reference(pipes):
         embeds = layer_norm(hidden)
     a = ours(PROMPTS[0], clip_skip=1, generator=gens(4), num_inference_steps=2, output_type="np").images
     b = ref(prompt_embeds=embeds, generator=gens(4), num_inference_steps=2, output_type="np").images
-    assert_close(a, b)
+    assert_close_to_reference(a, b, atol=TOL, what="image")
     plain = ours(PROMPTS[0], generator=gens(4), num_inference_steps=2, output_type="np").images
     assert np.abs(plain - a).max() > 1e-4, "clip_skip changed nothing"

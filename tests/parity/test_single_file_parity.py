@@ -13,10 +13,11 @@ reads the same tiny model without the w-embedding input; it must load exactly ou
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from helpers.original_layout import original_state_dict, save_original
+from helpers.reference import assert_close_to_reference
+from helpers.tiny_models import DIFFUSERS_SD1_MINIATURE_UNET, DIFFUSERS_SD1_MINIATURE_VAE
 
 TOL = 1e-4
 PROMPT = "An astronaut riding a horse on Mars, 4k, highly detailed!!"
@@ -28,27 +29,9 @@ def build_modules(lcm: bool = True) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        sample_size=SIZE // 4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        time_cond_proj_dim=32 if lcm else None,
-    )
+    unet = UNet2DConditionModel(**{**DIFFUSERS_SD1_MINIATURE_UNET, "time_cond_proj_dim": 32 if lcm else None})
     torch.manual_seed(1)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 32, 64],
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        latent_channels=4,
-        norm_num_groups=32,
-        layers_per_block=2,
-        sample_size=SIZE,
-    )
+    vae = AutoencoderKL(**DIFFUSERS_SD1_MINIATURE_VAE, latent_channels=4, sample_size=SIZE)
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -107,10 +90,6 @@ def run(pipe, seed: int = 0, **kwargs):
     return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
 
 
-def maxdiff(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
 def assert_same_weights(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
     a, b = ours.state_dict(), ref.state_dict()
     assert set(a) == set(b)
@@ -128,7 +107,7 @@ def test_text2img_matches_diffusers(lcm_file, loaded):
         a = run(ours, seed, height=SIZE, width=SIZE, guidance_scale=guidance)
         b = run(ref, seed, height=SIZE, width=SIZE, guidance_scale=guidance)
         assert a.shape == (1, SIZE, SIZE, 3)
-        assert maxdiff(a, b) <= TOL
+        assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_img2img_matches_diffusers(lcm_file):
@@ -141,7 +120,7 @@ def test_img2img_matches_diffusers(lcm_file):
     image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     a = run(ours, 1, image=image, strength=0.6, num_inference_steps=3)
     b = run(ref, 1, image=image, strength=0.6, num_inference_steps=3)
-    assert maxdiff(a, b) <= TOL
+    assert_close_to_reference(a, b, atol=TOL, what="image")
 
 
 def test_save_pretrained_loads_in_diffusers(loaded, tmp_path):
@@ -153,7 +132,9 @@ def test_save_pretrained_loads_in_diffusers(loaded, tmp_path):
     ref = diffusers.LatentConsistencyModelPipeline.from_pretrained(tmp_path / "saved", local_files_only=True)
     assert ref.unet.config.time_cond_proj_dim == 32
     assert ref.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert maxdiff(run(ours, height=SIZE, width=SIZE), run(ref, height=SIZE, width=SIZE)) <= TOL
+    assert_close_to_reference(
+        run(ours, height=SIZE, width=SIZE), run(ref, height=SIZE, width=SIZE), atol=TOL, what="image"
+    )
 
 
 def test_diffusers_from_single_file_reads_the_same_weights(tmp_path):

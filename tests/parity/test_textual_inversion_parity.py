@@ -10,14 +10,14 @@ loading, and unloading must bring lcmkit back to the embeddings of a pipeline th
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference, max_abs_diff
 from safetensors.torch import save_file
 
 EMBED_TOL = 1e-6
 IMAGE_TOL = 1e-4
-DIM = 32  # the tiny text encoder's hidden size (helpers.tiny_diffusers)
+DIM = 32  # the tiny text encoder's hidden size (helpers.tiny_models)
 
 
 def vectors(n: int, seed: int) -> torch.Tensor:
@@ -90,13 +90,6 @@ def embeds(pipe, prompt, ours: bool) -> torch.Tensor:
         return pipe.encode_prompt(prompt, torch.device("cpu"), 1, False)[0]
 
 
-def max_diff(a, b) -> float:
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
 @pytest.mark.parametrize("n_vectors", [1, 3])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_textual_inversion_matches_diffusers(tiny_folders, tmp_path, layout, n_vectors):
@@ -114,23 +107,26 @@ def test_textual_inversion_matches_diffusers(tiny_folders, tmp_path, layout, n_v
     )
     prompts = [f"a photo of {token}", f"{token}, a cat in {token} style"]
     for prompt in prompts:
-        diff = max_diff(embeds(ours, prompt, ours=True), embeds(ref, prompt, ours=False))
-        assert diff <= EMBED_TOL, f"{prompt!r}: prompt embeddings differ by {diff:.3g}"
+        assert_close_to_reference(
+            embeds(ours, prompt, ours=True),
+            embeds(ref, prompt, ours=False),
+            atol=EMBED_TOL,
+            what=repr(prompt),
+        )
     # the embedding really is used: the token changes the prompt's encoding
-    assert max_diff(embeds(ours, prompts[0], True), embeds(ours, "a photo of", True)) > 1e-3
-    assert max_diff(embeds(ours, plain, ours=True), before) == 0.0
+    assert max_abs_diff(embeds(ours, prompts[0], True), embeds(ours, "a photo of", True)) > 1e-3
+    assert max_abs_diff(embeds(ours, plain, ours=True), before) == 0.0
 
     kwargs = dict(num_inference_steps=2, guidance_scale=8.0, output_type="np", height=32, width=32)
     a = ours(prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
     b = ref(prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    diff = max_diff(a, b)
-    assert diff <= IMAGE_TOL, f"images differ by {diff:.3g}"
+    assert_close_to_reference(a, b, atol=IMAGE_TOL, what="image")
 
     import lcmkit
 
     ours.unload_textual_inversion()
     never_loaded = lcmkit.LatentConsistencyModelPipeline.from_pretrained(tiny_folders["sd15"])
-    assert max_diff(embeds(ours, prompts[1], True), embeds(never_loaded, prompts[1], True)) == 0.0
+    assert max_abs_diff(embeds(ours, prompts[1], True), embeds(never_loaded, prompts[1], True)) == 0.0
 
 
 def test_two_embeddings_then_partial_unload_match_diffusers(tiny_folders):
@@ -141,9 +137,13 @@ def test_two_embeddings_then_partial_unload_match_diffusers(tiny_folders):
     ours.load_textual_inversion(sources, token=["<first>", "<second>"])
     ref.load_textual_inversion(sources, token=["<first>", "<second>"])
     prompt = "<first> and <second>, <second>"
-    assert max_diff(embeds(ours, prompt, True), embeds(ref, prompt, False)) <= EMBED_TOL
+    assert_close_to_reference(
+        embeds(ours, prompt, True), embeds(ref, prompt, False), atol=EMBED_TOL, what="prompt embeddings"
+    )
 
     ours.unload_textual_inversion("<first>")  # takes <first>_1, <first>_2 with it
     ref.unload_textual_inversion(["<first>", "<first>_1", "<first>_2"])
     prompt = "a <second> cat"
-    assert max_diff(embeds(ours, prompt, True), embeds(ref, prompt, False)) <= EMBED_TOL
+    assert_close_to_reference(
+        embeds(ours, prompt, True), embeds(ref, prompt, False), atol=EMBED_TOL, what="prompt embeddings"
+    )

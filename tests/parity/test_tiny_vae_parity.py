@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -39,10 +40,6 @@ CONFIGS = {
         latent_shift=0.25,
     ),
 }
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
 def _build_pair(name: str) -> tuple[torch.nn.Module, AutoencoderTiny]:
@@ -94,13 +91,13 @@ def test_encode_decode_and_forward_match(pair):
     z = torch.randn(2, ref.config.latent_channels, 5, 7, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected_latents = ref.encode(x).latents
-        _close(ours.encode(x).latents, expected_latents)
+        assert_close_to_reference(ours.encode(x).latents, expected_latents, atol=ATOL)
         expected_image = ref.decode(z).sample
         assert expected_image.std() > 1e-3
-        _close(ours.decode(z).sample, expected_image)
-        _close(ours(x).sample, ref(x).sample)
-        _close(ours.scale_latents(z), ref.scale_latents(z))
-        _close(ours.unscale_latents(z), ref.unscale_latents(z))
+        assert_close_to_reference(ours.decode(z).sample, expected_image, atol=ATOL)
+        assert_close_to_reference(ours(x).sample, ref(x).sample, atol=ATOL)
+        assert_close_to_reference(ours.scale_latents(z), ref.scale_latents(z), atol=ATOL)
+        assert_close_to_reference(ours.unscale_latents(z), ref.unscale_latents(z), atol=ATOL)
 
 
 def test_sliced_and_tiled_runs_match(taesd_pair):
@@ -116,8 +113,8 @@ def test_sliced_and_tiled_runs_match(taesd_pair):
             for model in (ref, ours):
                 model.use_slicing, model.use_tiling = slicing, tiling
             with torch.no_grad():
-                _close(ours.encode(x).latents, ref.encode(x).latents)
-                _close(ours.decode(z).sample, ref.decode(z).sample)
+                assert_close_to_reference(ours.encode(x).latents, ref.encode(x).latents, atol=ATOL)
+                assert_close_to_reference(ours.decode(z).sample, ref.decode(z).sample, atol=ATOL)
     finally:
         for model in (ref, ours):
             model.use_slicing = model.use_tiling = False
@@ -137,8 +134,8 @@ def test_folders_load_both_ways(pair, tmp_path):
     assert ours_loaded.config == ours.config
     with torch.no_grad():
         expected = ref.decode(z).sample
-        _close(ref_loaded.decode(z).sample, expected)
-        _close(ours_loaded.decode(z).sample, expected)
+        assert_close_to_reference(ref_loaded.decode(z).sample, expected, atol=ATOL)
+        assert_close_to_reference(ours_loaded.decode(z).sample, expected, atol=ATOL)
 
 
 CONFIGS_KEYS = (

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference
+from helpers.tiny_models import DIFFUSERS_SD15_UNET
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -30,17 +32,7 @@ FREEU = dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
 
 CONFIGS = {
     # (a) SD1.5-like: two resnets per level, conv projections, LCM w-embedding
-    "sd15": dict(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=4,
-        time_cond_proj_dim=32,
-        sample_size=16,
-    ),
+    "sd15": DIFFUSERS_SD15_UNET,
     # (b) SD2-like: three levels, linear projections, per-level heads, upcast, two transformer layers per block
     "sd2": dict(
         block_out_channels=(32, 64, 64),
@@ -89,10 +81,6 @@ CONFIGS = {
         downsample_padding=0,
     ),
 }
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
 
 def _randomise_norms(model: torch.nn.Module) -> None:
@@ -159,7 +147,7 @@ def test_forward_matches(pair):
     inputs = _inputs(ref)
     t = torch.tensor([999, 19])
     out = _run(ours, inputs, t)
-    _close(out, _run(ref, inputs, t))
+    assert_close_to_reference(out, _run(ref, inputs, t), atol=ATOL, what="UNet sample")
     with torch.no_grad():
         as_tuple = ours(timestep=t, return_dict=False, **inputs)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
@@ -177,7 +165,9 @@ def test_timestep_forms_match(timestep):
     ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     inputs = _inputs(ref, 8, 8)
-    _close(_run(ours, inputs, timestep), _run(ref, inputs, timestep))
+    assert_close_to_reference(
+        _run(ours, inputs, timestep), _run(ref, inputs, timestep), atol=ATOL, what="UNet sample"
+    )
 
 
 def test_odd_latent_size(pair):
@@ -188,7 +178,7 @@ def test_odd_latent_size(pair):
     out = _run(ours, inputs)
     b, _, h, w = inputs["sample"].shape
     assert out.shape == (b, ref.config.out_channels, h, w)
-    _close(out, _run(ref, inputs))
+    assert_close_to_reference(out, _run(ref, inputs), atol=ATOL, what="UNet sample")
 
 
 def test_freeu_matches_and_disables(pair):
@@ -199,14 +189,14 @@ def test_freeu_matches_and_disables(pair):
     ours.enable_freeu(**FREEU)
     try:
         with_freeu = _run(ours, inputs)
-        _close(with_freeu, _run(ref, inputs))
+        assert_close_to_reference(with_freeu, _run(ref, inputs), atol=ATOL, what="UNet sample")
     finally:
         ref.disable_freeu()
         ours.disable_freeu()
     assert (with_freeu - plain).abs().max() > 1e-3, "FreeU changed nothing"
     for block in ours.up_blocks:
         assert all(getattr(block, k) is None for k in ("s1", "s2", "b1", "b2"))
-    _close(_run(ours, inputs), plain)
+    assert_close_to_reference(_run(ours, inputs), plain, atol=ATOL, what="UNet sample")
 
 
 def test_diffusers_folder_loads_and_ours_saves_for_diffusers(tmp_path):
@@ -215,11 +205,11 @@ def test_diffusers_folder_loads_and_ours_saves_for_diffusers(tmp_path):
     ref.save_pretrained(tmp_path / "ref")
     ours = UNet2DConditionModel.from_pretrained(tmp_path / "ref")
     inputs = _inputs(ref, 8, 8)
-    _close(_run(ours, inputs), _run(ref, inputs))
+    assert_close_to_reference(_run(ours, inputs), _run(ref, inputs), atol=ATOL, what="UNet sample")
 
     ours.save_pretrained(tmp_path / "ours")
     back = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "ours").eval()
-    _close(_run(back, inputs), _run(ref, inputs))
+    assert_close_to_reference(_run(back, inputs), _run(ref, inputs), atol=ATOL, what="UNet sample")
 
 
 @pytest.mark.parametrize("name", ["sd15", "lcm_fast"])
@@ -233,7 +223,7 @@ def test_bfloat16_matches(name):
     ours.enable_freeu(**FREEU)
     ref.enable_freeu(**FREEU)
     expected = _run(ref, inputs).float()
-    _close(_run(ours, inputs).float(), expected, atol=2e-2)
+    assert_close_to_reference(_run(ours, inputs).float(), expected, atol=2e-2)
 
 
 def test_bfloat16_upcast_attention_near_float32():
@@ -246,7 +236,7 @@ def test_bfloat16_upcast_attention_near_float32():
     expected = _run(ref, inputs)
     ours = ours.to(torch.bfloat16)
     out = _run(ours, {k: v.to(torch.bfloat16) for k, v in inputs.items()}).float()
-    _close(out, expected, atol=0.1)
+    assert_close_to_reference(out, expected, atol=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -255,7 +245,9 @@ def test_freeu_functions_match(dtype, size):
     """`fourier_filter` and `apply_freeu` against diffusers' `utils.torch_utils` versions, all stages."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, *size, generator=gen).to(dtype)
-    _close(fourier_filter(x, threshold=1, scale=0.3), ref_fourier_filter(x, threshold=1, scale=0.3))
+    assert_close_to_reference(
+        fourier_filter(x, threshold=1, scale=0.3), ref_fourier_filter(x, threshold=1, scale=0.3), atol=ATOL
+    )
     for idx in range(3):
         h = torch.randn(2, 5, *size, generator=gen).to(dtype)
         skip = torch.randn(2, 3, *size, generator=gen).to(dtype)
@@ -263,4 +255,4 @@ def test_freeu_functions_match(dtype, size):
         expected = ref_apply_freeu(idx, h.clone(), skip, **FREEU)
         for a, b in zip(ours, expected, strict=True):
             assert a.dtype == b.dtype
-            _close(a, b)
+            assert_close_to_reference(a, b, atol=ATOL, what="UNet sample")

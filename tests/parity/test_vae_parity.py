@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference
+from helpers.tiny_models import DIFFUSERS_SMALL_VAE
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -23,15 +25,7 @@ ATOL = 3e-5
 
 CONFIGS = {
     # (a) the VAE of diffusers' LCM fast pipeline tests
-    "lcm_fast": dict(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=2,
-    ),
+    "lcm_fast": DIFFUSERS_SMALL_VAE,
     # (b) three levels, two resnets per encoder level (three per decoder level)
     "three_level": dict(
         block_out_channels=[8, 16, 16],
@@ -54,10 +48,6 @@ CONFIGS = {
         mid_block_add_attention=False,
     ),
 }
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
 def _build_pair(name: str) -> tuple[torch.nn.Module, AutoencoderKL]:
@@ -105,21 +95,23 @@ def test_encode_decode_match(pair):
     ref, ours = pair
     x = torch.rand(2, 3, 32, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
     d_ref, d_ours = ref.encode(x).latent_dist, ours.encode(x).latent_dist
-    _close(d_ours.mean, d_ref.mean)
-    _close(d_ours.logvar, d_ref.logvar)
-    _close(d_ours.std, d_ref.std)
-    _close(d_ours.mode(), d_ref.mode())
+    assert_close_to_reference(d_ours.mean, d_ref.mean, atol=ATOL)
+    assert_close_to_reference(d_ours.logvar, d_ref.logvar, atol=ATOL)
+    assert_close_to_reference(d_ours.std, d_ref.std, atol=ATOL)
+    assert_close_to_reference(d_ours.mode(), d_ref.mode(), atol=ATOL)
     s_ref = d_ref.sample(generator=torch.Generator().manual_seed(3))
     s_ours = d_ours.sample(generator=torch.Generator().manual_seed(3))
-    _close(s_ours, s_ref)
+    assert_close_to_reference(s_ours, s_ref, atol=ATOL)
     gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
     s_ref = d_ref.sample(generator=gens)
     gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
-    _close(d_ours.sample(generator=gens), s_ref)
+    assert_close_to_reference(d_ours.sample(generator=gens), s_ref, atol=ATOL)
 
     z = s_ref
-    _close(ours.decode(z).sample, ref.decode(z).sample)
-    _close(ours.decode(z, return_dict=False)[0], ref.decode(z, return_dict=False)[0])
+    assert_close_to_reference(ours.decode(z).sample, ref.decode(z).sample, atol=ATOL)
+    assert_close_to_reference(
+        ours.decode(z, return_dict=False)[0], ref.decode(z, return_dict=False)[0], atol=ATOL
+    )
 
 
 @torch.no_grad()
@@ -127,10 +119,10 @@ def test_forward_matches(lcm_pair):
     """`forward` with the posterior mode and with a seeded posterior sample matches diffusers."""
     ref, ours = lcm_pair
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    _close(ours(x).sample, ref(x).sample)
+    assert_close_to_reference(ours(x).sample, ref(x).sample, atol=ATOL)
     out_ref = ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(7)).sample
     out_ours = ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(7)).sample
-    _close(out_ours, out_ref)
+    assert_close_to_reference(out_ours, out_ref, atol=ATOL)
 
 
 @pytest.mark.skipif(not winograd_available(), reason="NNPACK is not usable on this CPU/build")
@@ -151,8 +143,8 @@ def test_winograd_convolutions_match(pair, monkeypatch):
         set_conv_winograd(ours, "auto")
     resnets = sum(isinstance(m, ResnetBlock2D) for m in ours.modules())
     assert len(calls) == 2 * 2 * resnets  # both convs of every resnet, once per sample
-    torch.testing.assert_close(mean, ref.encode(x).latent_dist.mean, atol=1e-4, rtol=0)
-    torch.testing.assert_close(image, ref.decode(z).sample, atol=1e-4, rtol=0)
+    assert_close_to_reference(mean, ref.encode(x).latent_dist.mean, atol=1e-4)
+    assert_close_to_reference(image, ref.decode(z).sample, atol=1e-4)
 
 
 @torch.no_grad()
@@ -165,10 +157,10 @@ def test_slicing_matches(pair):
     ref.enable_slicing()
     ours.enable_slicing()
     try:
-        _close(ours.encode(x).latent_dist.mean, ref.encode(x).latent_dist.mean)
-        _close(ours.decode(z).sample, ref.decode(z).sample)
-        _close(ours.encode(x).latent_dist.mean, whole_mean)
-        _close(ours.decode(z).sample, whole_image)
+        assert_close_to_reference(ours.encode(x).latent_dist.mean, ref.encode(x).latent_dist.mean, atol=ATOL)
+        assert_close_to_reference(ours.decode(z).sample, ref.decode(z).sample, atol=ATOL)
+        assert_close_to_reference(ours.encode(x).latent_dist.mean, whole_mean, atol=ATOL)
+        assert_close_to_reference(ours.decode(z).sample, whole_image, atol=ATOL)
     finally:
         ref.disable_slicing()
         ours.disable_slicing()
@@ -193,13 +185,13 @@ def test_tiled_encode_decode_match(name):
 
     x = torch.rand(1, 3, 80, 56, generator=torch.Generator().manual_seed(10)) * 2 - 1
     d_ref, d_ours = ref.encode(x).latent_dist, ours.encode(x).latent_dist
-    _close(d_ours.mean, d_ref.mean)
-    _close(d_ours.logvar, d_ref.logvar)
+    assert_close_to_reference(d_ours.mean, d_ref.mean, atol=ATOL)
+    assert_close_to_reference(d_ours.logvar, d_ref.logvar, atol=ATOL)
     assert len(enc_calls) > 1
     assert all(s[-2] <= 32 and s[-1] <= 32 for s in enc_calls)
 
     z = torch.randn(1, 4, 80 // f, 56 // f, generator=torch.Generator().manual_seed(11))
-    _close(ours.decode(z).sample, ref.decode(z).sample)
+    assert_close_to_reference(ours.decode(z).sample, ref.decode(z).sample, atol=ATOL)
     assert len(dec_calls) > 1
     assert all(s[-2] <= 32 // f and s[-1] <= 32 // f for s in dec_calls)
 
@@ -219,7 +211,7 @@ def test_tiled_decode_odd_shapes(lcm_pair, shape):
         z = torch.randn(*shape, generator=torch.Generator().manual_seed(12))
         out = ours.decode(z).sample
         assert out.shape == (shape[0], 3, shape[2] * 2, shape[3] * 2)
-        _close(out, ref.decode(z).sample)
+        assert_close_to_reference(out, ref.decode(z).sample, atol=ATOL)
     finally:
         ref.disable_tiling()
         ours.disable_tiling()
@@ -235,9 +227,9 @@ def test_tiling_with_changed_attributes_matches(lcm_pair):
         m.tile_sample_min_size, m.tile_latent_min_size, m.tile_overlap_factor = 24, 12, 0.5
     try:
         x = torch.rand(2, 3, 50, 38, generator=torch.Generator().manual_seed(13)) * 2 - 1
-        _close(ours.encode(x).latent_dist.mean, ref.encode(x).latent_dist.mean)
+        assert_close_to_reference(ours.encode(x).latent_dist.mean, ref.encode(x).latent_dist.mean, atol=ATOL)
         z = torch.randn(2, 4, 25, 31, generator=torch.Generator().manual_seed(14))
-        _close(ours.decode(z).sample, ref.decode(z).sample)
+        assert_close_to_reference(ours.decode(z).sample, ref.decode(z).sample, atol=ATOL)
     finally:
         for m in (ref, ours):
             m.disable_tiling()
@@ -267,5 +259,5 @@ def test_folder_round_trips(tmp_path, name):
         assert back.config[key] == ref.config[key]
 
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(15)) * 2 - 1
-    _close(ours(x).sample, ref(x).sample)
-    _close(back(x).sample, ref(x).sample)
+    assert_close_to_reference(ours(x).sample, ref(x).sample, atol=ATOL)
+    assert_close_to_reference(back(x).sample, ref(x).sample, atol=ATOL)

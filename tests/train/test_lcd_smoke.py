@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from helpers.tiny_train import MINUTE_UNET
+from helpers.tiny_models import MINUTE_UNET
 
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.schedulers import LCMScheduler

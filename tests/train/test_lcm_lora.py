@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.reference import assert_close_to_reference, max_abs_diff
 from safetensors import safe_open
 
 from lcmkit.loading.weights import load_state_dict
@@ -173,10 +174,6 @@ def images(pipe, **kwargs) -> np.ndarray:
                 **kwargs).images  # fmt: skip
 
 
-def max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-
-
 def test_lora_file_gives_the_same_image_in_lcmkit_and_diffusers(teacher, trained):
     import diffusers
 
@@ -195,26 +192,28 @@ def test_lora_file_gives_the_same_image_in_lcmkit_and_diffusers(teacher, trained
     for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
     plain = images(ours)
-    assert max_diff(images(ref_sd), plain) <= TOL
+    assert_close_to_reference(plain, images(ref_sd), atol=TOL, what="image without the LoRA")
     for pipe in pipes:
         pipe.load_lora_weights(lora)
     with_lora = images(ours)
-    assert max_diff(with_lora, plain) > 100 * TOL, "the LoRA did not change the image"
-    assert max_diff(images(ref_sd), with_lora) <= TOL, "diffusers StableDiffusionPipeline"
+    assert max_abs_diff(with_lora, plain) > 100 * TOL, "the LoRA did not change the image"
+    assert_close_to_reference(with_lora, images(ref_sd), atol=TOL, what="image with the LoRA")
     g = torch.Generator().manual_seed(4)
     x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 32, 32, generator=g)
     with torch.no_grad():
         ours_eps, ref_eps = ours.unet(x, 499, c).sample, ref_lcm.unet(x, 499, c).sample
         assert (ours_eps - plain_unet(teacher)(x, 499, c).sample).abs().max() > 1e-3
-        torch.testing.assert_close(ref_eps, ours_eps, rtol=0, atol=1e-5)
+        assert_close_to_reference(ours_eps, ref_eps, atol=1e-5, what="UNet eps with the LoRA")
     ref_sd.fuse_lora()
-    assert max_diff(images(ref_sd), with_lora) <= TOL, "diffusers, fused"
+    assert_close_to_reference(
+        with_lora, images(ref_sd), atol=TOL, what="image with the LoRA fused in diffusers"
+    )
 
     # At scale 0, or unloaded, the student is the teacher again (exactly: the adapter path is skipped).
-    assert max_diff(images(ours, cross_attention_kwargs={"scale": 0.0}), plain) == 0.0
+    assert max_abs_diff(images(ours, cross_attention_kwargs={"scale": 0.0}), plain) == 0.0
     ours.unload_lora_weights()
     assert not list(lora_layers(ours.unet))
-    assert max_diff(images(ours), plain) == 0.0
+    assert max_abs_diff(images(ours), plain) == 0.0
 
 
 def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_does(teacher, trained, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tiny_train import MINUTE_UNET
+from helpers.tiny_models import MINUTE_UNET
 from torch import nn
 
 from lcmkit.models.unet import UNet2DConditionModel

@@ -15,18 +15,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.tiny_train import MINUTE_UNET
+from helpers.tiny_models import MINUTE_UNET, MINUTE_VAE
 
-from lcmkit.config import VAEConfig
 from lcmkit.schedulers.lcm_math import make_betas
 from lcmkit.train.recipe import RecipeConfig, StagePlan, run_recipe, ship, ship_tiny_vae
 from lcmkit.train.teacher import Architecture, TextEncoderSpec
 
 MINUTE = Architecture(
     image_size=16,
-    vae=VAEConfig(
-        block_out_channels=(8, 16), norm_num_groups=4, sample_size=16, mid_block_add_attention=False
-    ),
+    vae=MINUTE_VAE,
     unet=MINUTE_UNET,
     text=TextEncoderSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tiny_train import MINUTE_UNET
+from helpers.tiny_models import MINUTE_UNET
 
 from lcmkit.config import replace
 from lcmkit.models.unet import UNet2DConditionModel

@@ -18,9 +18,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny_models import MINUTE_VAE
 from torch import nn
 
-from lcmkit.config import VAEConfig
+from lcmkit.config import replace
 from lcmkit.models.tiny_vae import AutoencoderTiny
 from lcmkit.models.vae import AutoencoderKL
 from lcmkit.train.data import WorldConfig
@@ -47,14 +48,7 @@ def lcm_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae():
     torch.manual_seed(0)
-    config = VAEConfig(
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        sample_size=16,
-        mid_block_add_attention=False,
-        scaling_factor=0.7,
-    )
-    return AutoencoderKL(config).eval().requires_grad_(False)
+    return AutoencoderKL(replace(MINUTE_VAE, scaling_factor=0.7)).eval().requires_grad_(False)
 
 
 def _images(n: int = 4, size: int = 16) -> torch.Tensor:

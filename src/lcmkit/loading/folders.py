@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from lcmkit.config import read_config_json
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe, one_line
+from lcmkit.io.errors import MissingModelFileError, ModelFileError, describe, one_line
+from lcmkit.models.safety import SafetyChecker, load_feature_extractor
+from lcmkit.models.text import load_text_encoder, load_tokenizer
+from lcmkit.models.tiny_vae import AutoencoderTiny
+from lcmkit.models.unet import UNet2DConditionModel
+from lcmkit.models.vae import AutoencoderKL
+from lcmkit.schedulers import LCMScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -164,38 +170,22 @@ def _load_component(
     name: str, cls_name: str, folder: Path, torch_dtype: torch.dtype | None, variant: str | None
 ) -> Any:
     if name == "unet":
-        from lcmkit.models.unet import UNet2DConditionModel
-
         return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
     if name == "vae":
         if cls_name == "AutoencoderTiny":
-            from lcmkit.models.tiny_vae import AutoencoderTiny
-
             return AutoencoderTiny.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
-        from lcmkit.models.vae import AutoencoderKL
-
         return AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
     if name == "text_encoder":
-        from lcmkit.models.text import load_text_encoder
-
         return load_text_encoder(folder, dtype=torch_dtype, variant=variant)
     if name == "tokenizer":
-        from lcmkit.models.text import load_tokenizer
-
         return load_tokenizer(folder)
     if name == "scheduler":
-        from lcmkit.schedulers import LCMScheduler
-
         if cls_name != "LCMScheduler":
             logger.info("folder has a %s config; building an LCMScheduler from it", cls_name)
         return LCMScheduler.from_pretrained(folder)
     if name == "safety_checker":
-        from lcmkit.models.safety import SafetyChecker
-
         return SafetyChecker.from_pretrained(folder, dtype=torch_dtype, variant=variant)
     if name == "feature_extractor":
-        from lcmkit.models.safety import load_feature_extractor
-
         return load_feature_extractor(folder)
     raise PipelineFolderError(f"component `{name}` ({cls_name}) is not supported by lcmkit", folder)
 

@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path, PurePosixPath
 
 from lcmkit.config import read_config_json
-from lcmkit.loading.errors import MissingModelFileError
+from lcmkit.io.errors import MissingModelFileError
 
 logger = logging.getLogger(__name__)
 

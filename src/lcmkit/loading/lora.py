@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe
-from lcmkit.loading.weights import check_finite, load_state_dict
+from lcmkit.io.errors import MissingModelFileError, ModelFileError, describe
+from lcmkit.io.weights import check_finite, load_state_dict
 from lcmkit.nn.lora import (  # re-exported: the adapter layer API is used through this module too
     LoraLayer,
     LoraWeights,

@@ -27,8 +27,12 @@ from typing import Any
 import torch
 
 from lcmkit.config import UNetConfig, VAEConfig, read_config_json
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe
-from lcmkit.loading.weights import WeightsError, check_keys, load_state_dict
+from lcmkit.io.errors import MissingModelFileError, ModelFileError, describe
+from lcmkit.io.weights import WeightsError, check_keys, load_state_dict
+from lcmkit.models.text import load_tokenizer
+from lcmkit.models.unet import UNet2DConditionModel
+from lcmkit.models.vae import AutoencoderKL
+from lcmkit.schedulers import LCMScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -523,14 +527,10 @@ def _build(model_cls: type, config: Any, sd: dict[str, torch.Tensor], source: st
 
 
 def build_unet(sd: Mapping[str, torch.Tensor], config: UNetConfig, source: str, dtype: torch.dtype) -> Any:
-    from lcmkit.models.unet import UNet2DConditionModel
-
     return _build(UNet2DConditionModel, config, translate(sd, unet_key_map(config), "UNet"), source, dtype)
 
 
 def build_vae(sd: Mapping[str, torch.Tensor], config: VAEConfig, source: str, dtype: torch.dtype) -> Any:
-    from lcmkit.models.vae import AutoencoderKL
-
     weights = {k: v for k, v in sd.items() if not k.startswith("loss.")}  # training-only discriminator/LPIPS
     weights = linear_from_conv(translate(weights, vae_key_map(config), "VAE"))
     return _build(AutoencoderKL, config, weights, source, dtype)
@@ -624,9 +624,6 @@ def _load_components(
     config: str | Path | None,
     given: set[str],
 ) -> dict[str, Any]:
-    from lcmkit.models.text import load_tokenizer
-    from lcmkit.schedulers import LCMScheduler
-
     dtype = torch_dtype or torch.float32
     source = str(path)
     parts = split_checkpoint(read_checkpoint(path), source)
@@ -694,9 +691,11 @@ class FromSingleFileMixin:
 
         `overrides` may hold components that replace the file's (`unet=`, `vae=`, `text_encoder=`, `tokenizer=`,
         `scheduler=`, `feature_extractor=`), `config=` (a local diffusers folder whose configs replace the inferred
-        ones), `requires_safety_checker=` and `dtype=` (a synonym of `torch_dtype`). Single files carry no safety
-        checker: pass `safety_checker=` with a `feature_extractor=` to screen images.
+        ones), `requires_safety_checker=`, `dtype=` (a synonym of `torch_dtype`) and `fast_paths=` (as for
+        `from_pretrained`). Single files carry no safety checker: pass `safety_checker=` with a `feature_extractor=`
+        to screen images.
         """
+        fast_paths = overrides.pop("fast_paths", None)
         dtype = overrides.pop("dtype", None)
         torch_dtype = torch_dtype or dtype
         config = overrides.pop("config", None)
@@ -707,7 +706,7 @@ class FromSingleFileMixin:
         if unknown:
             raise TypeError(
                 f"from_single_file got unexpected arguments {unknown}; allowed: torch_dtype, prediction_type, "
-                f"safety_checker, config, requires_safety_checker, and the components {list(_COMPONENTS)}"
+                f"safety_checker, config, requires_safety_checker, fast_paths, and the components {list(_COMPONENTS)}"
             )
         components = load_single_file_components(
             pretrained_model_link_or_path,
@@ -719,6 +718,9 @@ class FromSingleFileMixin:
         components.update(overrides)
         if safety_checker is None:
             logger.info("single files carry no safety checker; images will not be screened")
-        return cls(
+        pipe = cls(
             **components, safety_checker=safety_checker, requires_safety_checker=requires_safety_checker
         )
+        if fast_paths is not None:
+            pipe.set_fast_paths(fast_paths)
+        return pipe

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError
-from lcmkit.loading.weights import check_finite, load_state_dict
+from lcmkit.io.errors import MissingModelFileError, ModelFileError
+from lcmkit.io.weights import check_finite, load_state_dict
+from lcmkit.loading.hub import hub_file, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ def _load_source(
             )
         path = found[0]
     elif not path.exists():
-        from lcmkit.loading.hub import hub_file, is_hub_id
-
         if not is_hub_id(str(source)):
             raise ValueError(
                 f"{str(source)!r} is neither an existing file or folder nor a hub repo id ('owner/name')"

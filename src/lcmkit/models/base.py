@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lcmkit.config import read_config_json, require_settings
-from lcmkit.loading.errors import ModelFileError, describe
-from lcmkit.loading.weights import check_keys, find_weights_file, load_state_dict, save_state_dict
+from lcmkit.io.errors import ModelFileError, describe
+from lcmkit.io.weights import check_keys, find_weights_file, load_state_dict, save_state_dict
 
 
 class ModelMixin(nn.Module):

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPVisionModel
 
+from lcmkit.io.images import numpy_to_pil, postprocess
+
 if TYPE_CHECKING:  # importing it at run time logs a torchvision warning; only loading needs it
     from transformers import CLIPImageProcessor
 
@@ -268,9 +270,6 @@ def run_safety_checker(
         raise ValueError(
             "A safety checker needs a feature extractor (CLIPImageProcessor); pass one or no checker."
         )
-    # Imported here: the lcmkit.pipelines package imports this module, so a top-level import would be circular.
-    from lcmkit.pipelines.image import numpy_to_pil, postprocess
-
     pil: list[PIL.Image.Image] = postprocess(image, "pil") if torch.is_tensor(image) else numpy_to_pil(image)
     clip_input = feature_extractor(pil, return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
     return safety_checker(clip_input, images=image)

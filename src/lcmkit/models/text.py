@@ -18,8 +18,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lcmkit.config import read_config_json, require_settings
-from lcmkit.loading.errors import MissingModelFileError, ModelFileError, describe
-from lcmkit.loading.weights import WeightsError, sniff_weights_file
+from lcmkit.io.errors import MissingModelFileError, ModelFileError, describe
+from lcmkit.io.weights import WeightsError, sniff_weights_file
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from lcmkit.config import ConfigError
 from lcmkit.models.base import ModelMixin, SlicingTilingMixin
-from lcmkit.models.vae import DecoderOutput, _TupleLike
+from lcmkit.models.vae import DecoderOutput, TupleLike
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class TinyVAEConfig:
 
 
 @dataclass
-class AutoencoderTinyOutput(_TupleLike):
+class AutoencoderTinyOutput(TupleLike):
     latents: torch.Tensor
 
 

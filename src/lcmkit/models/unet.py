@@ -8,7 +8,7 @@ no renaming. Which levels have cross-attention is data in `UNetConfig`, not a ch
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,9 @@ from lcmkit.models.base import ModelMixin
 from lcmkit.nn import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_features
 from lcmkit.nn.freeu import apply_freeu
 from lcmkit.nn.lora import scale_lora
+from lcmkit.nn.paths import apply_fast_paths
 from lcmkit.nn.transformer import SpatialTransformer
+from lcmkit.runtime import FastPaths
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +162,7 @@ class UpBlock(nn.Module):
         if config.up_attention[index]:
             heads, depth = config.heads[level], config.transformer_layers_per_block[level]
             self.attentions = nn.ModuleList([_transformer(config, c_out, heads, depth) for _ in range(n)])
-        # sub-pixel form where it pays (inputs of 32x32 and more: the 640-channel upsampler of SD at 512x512,
-        # 149 -> 64 ms a call on a 2-core AVX-512 VM); the same function up to float rounding
+        # sub-pixel form where it pays ("auto": inputs of 32x32 and more, FastPaths.unet_subpixel)
         self.upsamplers = (
             nn.ModuleList([Upsample2D(c_out, subpixel="auto")]) if index < n_levels - 1 else None
         )
@@ -196,7 +197,8 @@ class UNet2DConditionModel(ModelMixin):
     """eps/v-prediction UNet conditioned on a timestep, text embeddings and (for LCM) a guidance embedding.
 
     The LCM w-embedding (`timestep_cond`) is added to the sinusoidal timestep features through
-    `time_embedding.cond_proj` before the time MLP (spec §1.6).
+    `time_embedding.cond_proj` before the time MLP (the w-conditioned consistency function of Luo et al. 2023,
+    arXiv:2310.04378).
     """
 
     config_class = UNetConfig
@@ -218,9 +220,17 @@ class UNet2DConditionModel(ModelMixin):
         self.up_blocks = nn.ModuleList([UpBlock(config, i) for i in range(n_levels)])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, c0, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(c0, config.out_channels, kernel_size=3, padding=1)
+        self.fast_paths = FastPaths.default()
+        self.set_fast_paths(self.fast_paths)
+
+    def set_fast_paths(self, paths: FastPaths) -> None:
+        """Which fast paths the UNet's layers take (`lcmkit.runtime.FastPaths`: the conv, resnet, transformer
+        fields and `unet_subpixel`; the VAE's and the pipeline's fields do not concern it)."""
+        apply_fast_paths(self, paths, paths.unet_subpixel)
+        self.fast_paths = paths
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        """Turn FreeU on for every up block (spec §3): skip factors s1, s2 and backbone factors b1, b2.
+        """Turn FreeU on for every up block (Si et al. 2023, arXiv:2309.11497): skip factors s1, s2 and backbone factors b1, b2.
 
         Recommended values: SD1.5 (0.9, 0.2, 1.5, 1.6), SD2.1 (0.9, 0.2, 1.4, 1.6).
         As in diffusers, a factor of 0 disables FreeU; we log that instead of staying silent.
@@ -238,18 +248,12 @@ class UNet2DConditionModel(ModelMixin):
             block.s1 = block.s2 = block.b1 = block.b2 = None
 
     def enable_subpixel_upsampling(self) -> None:
-        """Run the upsampling convs in sub-pixel form where that is faster (the default, `subpixel = "auto"`:
-        inputs of at least 32x32 latents; see `lcmkit.nn.sampling`): same output up to float rounding."""
-        self._set_subpixel("auto")
+        """`FastPaths.unet_subpixel = "auto"` (the default): sub-pixel upsampling on inputs of at least 32x32."""
+        self.set_fast_paths(replace(self.fast_paths, unet_subpixel="auto"))
 
     def disable_subpixel_upsampling(self) -> None:
-        """Upsample exactly as the reference does (nearest 2x, then the 3x3 conv) at every size."""
-        self._set_subpixel(False)
-
-    def _set_subpixel(self, mode: bool | str) -> None:
-        for module in self.up_blocks.modules():
-            if isinstance(module, Upsample2D):
-                module.subpixel = mode
+        """`FastPaths.unet_subpixel = "off"`: upsample exactly as the reference does (nearest 2x, then the conv)."""
+        self.set_fast_paths(replace(self.fast_paths, unet_subpixel="off"))
 
     def time_features(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, timestep_cond: torch.Tensor | None

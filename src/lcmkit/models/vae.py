@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -24,6 +24,8 @@ from lcmkit.config import VAEConfig
 from lcmkit.models.base import ModelMixin, SlicingTilingMixin
 from lcmkit.nn import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from lcmkit.nn.layout import MemoryFormat, check_memory_format, level_layout
+from lcmkit.nn.paths import apply_fast_paths
+from lcmkit.runtime import FastPaths
 from lcmkit.schedulers.randn import randn_like_reference
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ _EPS = 1e-6
 # Outputs and the latent distribution
 
 
-class _TupleLike:
+class TupleLike:
     """Lets `out[0]` and `out.field` both work, as with diffusers' output objects."""
 
     def to_tuple(self) -> tuple:
@@ -47,12 +49,12 @@ class _TupleLike:
 
 
 @dataclass
-class AutoencoderKLOutput(_TupleLike):
+class AutoencoderKLOutput(TupleLike):
     latent_dist: DiagonalGaussianDistribution
 
 
 @dataclass
-class DecoderOutput(_TupleLike):
+class DecoderOutput(TupleLike):
     sample: torch.Tensor
 
 
@@ -140,7 +142,7 @@ class UpDecoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool) -> None:
         super().__init__()
         self.resnets = _resnet_chain(in_channels, out_channels, layers, groups)
-        # sub-pixel form: the same function as nearest 2x + conv up to float rounding, 16 instead of 36 MACs
+        # sub-pixel form (FastPaths.vae_subpixel): nearest 2x + conv up to float rounding, 16 instead of 36 MACs
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, subpixel=True)]) if upsample else None
 
     def forward(
@@ -210,7 +212,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS)
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
-        self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
+        self.memory_format: MemoryFormat = "auto"  # FastPaths.vae_memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.memory_format
@@ -247,7 +249,7 @@ class Decoder(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS)
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
-        self.memory_format: MemoryFormat = "auto"  # AutoencoderKL.set_memory_format
+        self.memory_format: MemoryFormat = "auto"  # FastPaths.vae_memory_format
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         mode = self.memory_format
@@ -324,6 +326,8 @@ class AutoencoderKL(SlicingTilingMixin, ModelMixin):
         self.tile_sample_min_size: int = config.sample_size
         self.tile_latent_min_size: int = int(config.sample_size / self.vae_scale_factor)
         self.tile_overlap_factor: float = 0.25
+        self.fast_paths = FastPaths.default()
+        self.set_fast_paths(self.fast_paths)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -332,30 +336,28 @@ class AutoencoderKL(SlicingTilingMixin, ModelMixin):
 
     # -- switches (slicing and tiling come from SlicingTilingMixin) -----------------------------------------------
 
+    def set_fast_paths(self, paths: FastPaths) -> None:
+        """Which fast paths the encoder and decoder take (`lcmkit.runtime.FastPaths`: the conv and resnet fields,
+        `vae_memory_format` and `vae_subpixel`). Inputs and outputs stay plain NCHW in every layout."""
+        apply_fast_paths(self, paths, paths.vae_subpixel)
+        self.encoder.memory_format = paths.vae_memory_format
+        self.decoder.memory_format = paths.vae_memory_format
+        self.fast_paths = paths
+
     def enable_subpixel_upsampling(self) -> None:
-        """Run the decoder's upsampling convs in sub-pixel form (the default): same images up to float rounding
-        (about 1e-6), about 0.39 of the SD decoder's 2.5 TFLOP at 512² saved."""
-        for module in self.decoder.modules():
-            if isinstance(module, Upsample2D):
-                module.subpixel = True
+        """`FastPaths.vae_subpixel = "always"` (the default): the decoder's upsamplers in sub-pixel form."""
+        self.set_fast_paths(replace(self.fast_paths, vae_subpixel="always"))
 
     def disable_subpixel_upsampling(self) -> None:
-        """Upsample exactly as the reference does (nearest 2x, then the 3x3 conv)."""
-        for module in self.decoder.modules():
-            if isinstance(module, Upsample2D):
-                module.subpixel = False
+        """`FastPaths.vae_subpixel = "off"`: upsample exactly as the reference does (nearest 2x, then the conv)."""
+        self.set_fast_paths(replace(self.fast_paths, vae_subpixel="off"))
 
     def set_memory_format(self, mode: MemoryFormat) -> None:
-        """How the encoder and decoder lay out their feature maps; inputs and outputs stay plain NCHW either way.
-
-        "auto" (the default): channels-last on the CPU in float32, where oneDNN's convolutions run it faster (the SD
-        decoder at 512² 13.5 -> 11.6 s on a 2-core AVX-512 VM; see `lcmkit.nn.layout`), plain NCHW elsewhere.
-        "channels_last" / "contiguous" force one layout everywhere. The same arithmetic, summed in another order:
-        results agree to float rounding (about 1e-5 on the SD decoder's output).
-        """
-        mode = check_memory_format(mode)
-        self.encoder.memory_format = mode
-        self.decoder.memory_format = mode
+        """`FastPaths.vae_memory_format = mode`: "auto" (the default) runs channels-last on the CPU in float32
+        except where a level takes the Winograd path; "channels_last" / "contiguous" force one layout everywhere
+        ("channels_last" needs `conv_winograd="off"`: Winograd runs on NCHW maps only). Results agree with the
+        reference to float rounding (about 1e-5 on the SD decoder's output)."""
+        self.set_fast_paths(replace(self.fast_paths, vae_memory_format=check_memory_format(mode)))
 
     def blend_v(self, a: torch.Tensor, b: torch.Tensor, blend_extent: int) -> torch.Tensor:
         """Blend the bottom of tile `a` into the top of tile `b` (the tile below it); modifies `b` in place."""

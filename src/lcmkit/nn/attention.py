@@ -43,18 +43,16 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(0.0)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        shape = x.shape
-        nhwc = is_channels_last(x)
-        if nhwc:  # channels-last feature map: (B, HW, C) tokens are a view of its memory
-            normed = x if self.group_norm is None else self.group_norm(x)
-            residual = x.permute(0, 2, 3, 1).reshape(shape[0], -1, shape[1])
-            x = normed.permute(0, 2, 3, 1).reshape(shape[0], -1, shape[1])
-        else:
-            if x.ndim == 4:  # NCHW feature map -> (B, HW, C) tokens
-                x = x.flatten(2).transpose(1, 2)
-            residual = x
-            if self.group_norm is not None:
-                x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        if x.ndim == 4:
+            return self._forward_map(x, context)
+        residual = x
+        if self.group_norm is not None:
+            x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        out = self.attend(x, context)
+        return out + residual if self.residual else out
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over (B, L, C) tokens (`context` for keys and values, else `x`), then `to_out`."""
         context = x if context is None else context
         q, k, v = (
             self._heads(proj(t)) for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
@@ -64,27 +62,37 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * self.dim_head)
-        out = self.to_out[0](out)
-        if len(shape) == 4 and not nhwc:
-            # back to a plain NCHW map (the transposed view alone would be channels-last in memory, and the next
-            # layers would run in that layout); the residual is added in the same pass
-            view = out.transpose(1, 2).reshape(shape)
-            if not self.residual:
-                return view.contiguous()
-            return torch.add(residual.transpose(1, 2).reshape(shape), view, out=out.new_empty(shape))
-        if self.residual:
-            out = out + residual
-        if nhwc:  # back to a channels-last feature map, a view
-            out = out.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
-        return out
+        return self.to_out[0](out)
+
+    def _forward_map(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """A (B, C, H, W) feature map as H*W tokens, returned as a map in the layout it came in."""
+        shape = x.shape
+        if is_channels_last(
+            x
+        ):  # (B, HW, C) tokens are a view of its memory, and so is the map made of the output
+            normed = x if self.group_norm is None else self.group_norm(x)
+            residual = x.permute(0, 2, 3, 1).reshape(shape[0], -1, shape[1])
+            out = self.attend(normed.permute(0, 2, 3, 1).reshape(shape[0], -1, shape[1]), context)
+            if self.residual:
+                out = out + residual
+            return out.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+        tokens = x.flatten(2).transpose(1, 2)
+        if self.group_norm is not None:
+            tokens = self.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        out = self.attend(tokens, context)
+        # back to a plain NCHW map (the transposed view alone would be channels-last in memory, and the next layers
+        # would run in that layout); the residual is added in the same pass
+        view = out.transpose(1, 2).reshape(shape)
+        if not self.residual:
+            return view.contiguous()
+        return torch.add(x, view, out=out.new_empty(shape))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, L, heads * dim_head) -> (B, heads, L, dim_head), made contiguous for CPU float32.
 
         The transposed view would do for `scaled_dot_product_attention`, but its CPU kernel reads that strided
-        layout much more slowly in float32: at 4096 tokens x 8 heads x 40 (the UNet at 512x512) 0.29 s a call
-        against 0.17 s including the copy, on a 2-core AVX-512 VM; same values. Other dtypes and devices keep the
-        view (not measured; half precision then rounds exactly as diffusers does).
+        layout much more slowly in float32 than a contiguous copy plus the call (`docs/performance.md`); same
+        values. Other dtypes and devices keep the view (half precision then rounds exactly as diffusers does).
         """
         heads = t.view(t.shape[0], -1, self.heads, self.dim_head).transpose(1, 2)
         return heads.contiguous() if t.device.type == "cpu" and t.dtype == torch.float32 else heads

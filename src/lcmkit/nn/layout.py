@@ -1,12 +1,12 @@
 """Memory layout of feature maps: plain NCHW or channels-last (NHWC memory behind the same NCHW shape).
 
-On the CPU, oneDNN runs the SD VAE's large 3x3 convolutions faster on channels-last input (measured on a 2-core
-AVX-512 VM, fp32, plain weights: 128 ch at 512x512 496 -> 362 ms, 256 ch at 256x256 407 -> 321 ms, 512 ch at 64x64
-to 128x128 equal), because NCHW input is reordered to its blocked layout and back on every call. The layers
+On the CPU, oneDNN runs the SD VAE's large 3x3 convolutions faster on channels-last input (the maps of 256x256
+pixels and more; `docs/performance.md`), because NCHW input is reordered to its blocked layout and back on every
+call. The layers
 that see such maps (GroupNorm, SiLU, the residual adds, the sub-pixel upsampler, the VAE's spatial attention) keep
 the layout, so a whole decoder runs channels-last once its input is.
 
-Levels whose 3x3 convolutions take the Winograd path (`lcmkit.nn.conv`, large maps with many channels) run plain
+Levels whose 3x3 convolutions take the Winograd path (`lcmkit.nn.fast`, large maps with many channels) run plain
 NCHW instead, since that path needs it and beats oneDNN in either layout there: `level_layout` picks a level's
 layout from its first convolution, and a network converts between levels where the choice changes (before an
 upsampler rather than after it, where the map is four times smaller).
@@ -14,12 +14,9 @@ upsampler rather than after it, where the map is four times smaller).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-MemoryFormat = Literal["auto", "channels_last", "contiguous"]
-MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
+from lcmkit.runtime import MEMORY_FORMATS, MemoryFormat
 
 
 def is_channels_last(t: torch.Tensor) -> bool:

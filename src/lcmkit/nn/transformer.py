@@ -13,9 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcmkit.nn.attention import Attention
-from lcmkit.nn.conv import capturing_graph
-from lcmkit.nn.lora import LoraLayer
-from lcmkit.nn.resnet import forward_hooked
+from lcmkit.nn.fast import spatial_transformer
 
 
 class GEGLU(nn.Module):
@@ -106,46 +104,14 @@ class SpatialTransformer(nn.Module):
                 for _ in range(num_layers)
             ]
         )
+        # FastPaths.fused_projections: proj_in/proj_out as matrix products on the map (lcmkit.nn.fast)
+        self.fused_projections = True
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        direct = x.dtype in (torch.float32, torch.float64) and not capturing_graph()
-        if not (direct and _plain(self.proj_in) and _plain(self.proj_out)):
-            return self._forward_through_modules(x, context)
-        # proj_in and proj_out as matrix products on the map's memory: a 1x1 conv over the map is a linear layer
-        # over its tokens, and the (B, C, HW) map read transposed IS the (B, HW, C) token matrix, so neither the
-        # tokens nor the map is copied into the other layout (SD1.5 at 512x512: 4.75 -> 4.55 s a UNet call on a
-        # 2-core AVX-512 VM); the residual is summed into the out-projection's product. Same values up to rounding
-        # in float32; half precision keeps the reference's order of roundings (bias, then residual), and captured
-        # graphs (OpenVINO, ONNX) keep the reference's layers. LoRA adapters on the projections add their low-rank
-        # products on top, as their layer would.
-        b, c, height, width = x.shape
-        normed = self.norm(x)
-        layer = self.proj_in
-        h = F.linear(normed.flatten(2).transpose(1, 2), _matrix(layer), layer.bias)
-        for name, coeff in _adapters(layer):
-            if layer.is_conv:
-                delta = layer.lora_path(normed, name).flatten(2).transpose(1, 2)
-            else:
-                delta = layer.lora_path(normed.flatten(2).transpose(1, 2), name)
-            h = h + delta * coeff
-        for block in self.transformer_blocks:
-            h = block(h, context)
-        layer = self.proj_out
-        w_out = _matrix(layer)
-        out = torch.baddbmm(x.flatten(2), w_out.expand(b, *w_out.shape), h.transpose(1, 2))
-        if layer.bias is not None:
-            out = out.add_(layer.bias[:, None])
-        for name, coeff in _adapters(layer):
-            if layer.is_conv:
-                delta = layer.lora_path(h.transpose(1, 2).reshape(b, -1, height, width), name).flatten(2)
-            else:
-                delta = layer.lora_path(h, name).transpose(1, 2)
-            out = out + delta * coeff
-        return out.view(b, c, height, width)
-
-    def _forward_through_modules(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Calling proj_in and proj_out as modules: in half precision, in captured graphs, and for projections that
-        forward hooks watch."""
+        if self.fused_projections:
+            out = spatial_transformer(self, x, context)  # None where it does not apply (lcmkit.nn.fast)
+            if out is not None:
+                return out
         b, _, height, width = x.shape
         h = self.norm(x)
         if not self.use_linear_projection:
@@ -161,19 +127,3 @@ class SpatialTransformer(nn.Module):
         if not self.use_linear_projection:
             h = self.proj_out(h)
         return h + x
-
-
-def _plain(module: nn.Module) -> bool:
-    """A torch Linear or 1x1 Conv2d, itself or inside a LoRA wrapper, that no forward hook watches."""
-    base = module.base if isinstance(module, LoraLayer) else module
-    return type(base) in (nn.Linear, nn.Conv2d) and not forward_hooked(module) and not forward_hooked(base)
-
-
-def _adapters(module: nn.Module) -> list[tuple[str, float]]:
-    """The LoRA adapters a wrapped projection adds this call, with their coefficients."""
-    return list(module.coefficients().items()) if isinstance(module, LoraLayer) else []
-
-
-def _matrix(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight matrix of a Linear or a 1x1 conv (a LoRA wrapper holds the current, maybe fused, one)."""
-    return module.weight.reshape(module.weight.shape[0], -1)

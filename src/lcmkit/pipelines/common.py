@@ -1,267 +1,56 @@
-"""What the text-to-image and image-to-image LCM pipelines share: components, loading, prompt encoding,
-the denoising loop, decoding and output.
+"""What the text-to-image and image-to-image LCM pipelines share: prompt encoding and one run of a call.
 
-The loop (`_denoise`) is written out once, as numbered steps; `text2img.py` and `img2img.py` only prepare
-their starting latents and timesteps differently.
+`LCMPipelineBase._run` is a call from checked inputs to images, as numbered steps; `text2img.py` and `img2img.py`
+hold the signatures and make their starting latents. The pieces live by concern: the components, their loading
+and their switches (fast paths too) in `components.py`, input checks in `checks.py`,
+classifier-free guidance in `guidance.py`, the sampler in `lcmkit.schedulers.sampling`, decoding and the safety
+checker in `decode.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from lcmkit.loading.folders import load_components, save_components
-from lcmkit.loading.hub import resolve_pretrained
+from lcmkit.io.images import OUTPUT_TYPES  # noqa: F401  (re-exported: its home was this module)
 from lcmkit.loading.lora import LoraLoaderMixin, scale_lora
-from lcmkit.loading.paging import release_weight_pages
 from lcmkit.loading.single_file import FromSingleFileMixin
 from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
-from lcmkit.models.safety import run_safety_checker
 from lcmkit.models.text import encode_negative_prompt, encode_prompt
-from lcmkit.nn.conv import Prepack, Winograd, set_conv_prepacking, set_conv_winograd
-from lcmkit.pipelines.image import postprocess
+from lcmkit.pipelines.checks import (
+    CALLBACK_TENSOR_INPUTS,
+    Generator,
+    check_common_inputs,
+    check_generator,
+    prompt_batch_size,
+)
+from lcmkit.pipelines.components import HUB_KWARGS, PipelineComponents  # noqa: F401  (HUB_KWARGS re-exported)
+from lcmkit.pipelines.decode import decode_latents, pipeline_output
+from lcmkit.pipelines.guidance import Conditioning, guided_prediction
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.lcm import LCMScheduler
 from lcmkit.schedulers.lcm_math import guidance_scale_embedding
+from lcmkit.schedulers.sampling import sample_lcm
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "prompt_embeds", "negative_prompt_embeds", "w_embedding")
-Generator = torch.Generator | list[torch.Generator] | None
 
-
-@dataclass
-class Conditioning:
-    """The text/guidance inputs of one call. `negative_embeds` is None unless classifier-free guidance runs."""
-
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
-    w_embedding: torch.Tensor | None
-    cfg_scale: float
-
-
-HUB_KWARGS = ("cache_dir", "local_files_only", "revision", "token", "force_download", "subfolder")
-
-
-class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
-    """Holds the components and everything both LCM pipelines do the same way."""
+class LCMPipelineBase(PipelineComponents, LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
+    """Everything both LCM pipelines do the same way: prompt encoding, guidance, the sampler, the decode."""
 
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    pipeline_class_name = "LatentConsistencyModelPipeline"
 
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        unet: Any,
-        scheduler: Any,
-        safety_checker: Any = None,
-        feature_extractor: Any = None,
-        image_encoder: Any = None,
-        requires_safety_checker: bool = True,
-    ) -> None:
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.unet = unet
-        self.scheduler = scheduler
-        self.safety_checker = safety_checker
-        self.feature_extractor = feature_extractor
-        self.image_encoder = image_encoder
-        self.requires_safety_checker = requires_safety_checker
-        if safety_checker is None and requires_safety_checker:
-            logger.warning(
-                "%s was built without a safety checker; images will not be screened for NSFW content.",
-                type(self).__name__,
-            )
-        if safety_checker is not None and feature_extractor is None:
-            raise ValueError(
-                "a safety_checker needs a feature_extractor (CLIPImageProcessor) to prepare its input; pass one, "
-                "or pass safety_checker=None"
-            )
-        self._progress_bar_config: dict[str, Any] = {}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The components, as `PipelineComponents` takes them, and the state of the last call."""
+        super().__init__(*args, **kwargs)
         self._guidance_scale = 8.5
         self._clip_skip: int | None = None
         self._cross_attention_kwargs: dict | None = None
         self._num_timesteps = 0
         self._do_cfg = False
-        self._weight_paging = True
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Components, loading, saving, devices
-
-    @property
-    def components(self) -> dict[str, Any]:
-        return {
-            "vae": self.vae,
-            "text_encoder": self.text_encoder,
-            "tokenizer": self.tokenizer,
-            "unet": self.unet,
-            "scheduler": self.scheduler,
-            "safety_checker": self.safety_checker,
-            "feature_extractor": self.feature_extractor,
-            "image_encoder": self.image_encoder,
-        }
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        torch_dtype: torch.dtype | None = None,
-        variant: str | None = None,
-        requires_safety_checker: bool | None = None,
-        dtype: torch.dtype | None = None,
-        **components: Any,
-    ) -> LCMPipelineBase:
-        """Load a diffusers-layout folder. Keyword components (`scheduler=...`, `safety_checker=None`) replace the folder's.
-
-        `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way).
-        """
-        torch_dtype = torch_dtype or dtype
-        hub_kwargs = {k: components.pop(k) for k in HUB_KWARGS if k in components}
-        # components the caller supplies (or disables with None) are not downloaded
-        folder = resolve_pretrained(
-            pretrained_model_name_or_path, variant=variant, skip_components=tuple(components), **hub_kwargs
-        )
-        loaded, index = load_components(folder, torch_dtype, variant, components)
-        if requires_safety_checker is None:
-            requires_safety_checker = bool(index.get("requires_safety_checker", True))
-        return cls(**loaded, requires_safety_checker=requires_safety_checker)
-
-    @classmethod
-    def from_pipe(cls, pipe: LCMPipelineBase, **overrides: Any) -> LCMPipelineBase:
-        """Build this pipeline kind from another one's components, without copying weights."""
-        comps = {**pipe.components, **overrides}
-        return cls(**comps, requires_safety_checker=pipe.requires_safety_checker)
-
-    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True) -> None:
-        """Write a diffusers-layout folder (safetensors weights) that diffusers and lcmkit both load."""
-        if not safe_serialization:
-            raise ValueError("lcmkit writes safetensors only; pickled .bin weights are not written")
-        save_components(
-            self.components,
-            save_directory,
-            self.pipeline_class_name,
-            extra={"requires_safety_checker": self.requires_safety_checker},
-        )
-
-    def _modules(self) -> list[torch.nn.Module]:
-        return [
-            m
-            for m in (self.unet, self.vae, self.text_encoder, self.safety_checker, self.image_encoder)
-            if isinstance(m, torch.nn.Module)
-        ]
-
-    def to(self, *args: Any, **kwargs: Any) -> LCMPipelineBase:
-        """Move every model, like `torch.nn.Module.to` (`pipe.to("cuda")`, `pipe.to(torch.float16)`, both)."""
-        for module in self._modules():
-            module.to(*args, **kwargs)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Switches
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        """tqdm options for the step bar, e.g. `disable=True`."""
-        self._progress_bar_config = kwargs
-
-    def progress_bar(self, iterable: Any = None, total: int | None = None) -> tqdm:
-        return tqdm(iterable, total=total, **self._progress_bar_config)
-
-    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        """FreeU (Si et al., 2023) on the first two up stages; see the UNet for the arithmetic."""
-        if self.unet is None:
-            raise ValueError("The pipeline must have `unet` for using FreeU.")
-        self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
-
-    def disable_freeu(self) -> None:
-        self.unet.disable_freeu()
-
-    def enable_vae_slicing(self) -> None:
-        """Decode one image at a time. Alias of `pipe.vae.enable_slicing()` (the diffusers <= 0.39 pipeline API)."""
-        self.vae.enable_slicing()
-
-    def disable_vae_slicing(self) -> None:
-        self.vae.disable_slicing()
-
-    def enable_weight_paging(self) -> None:
-        """Release each model's memory-mapped weight pages after its stage of a call (the default).
-
-        The peak resident memory of a call is then its largest stage (the UNet's weights, or the VAE decode's
-        activations) rather than all weights plus the decode. Released pages stay in the OS page cache and are read
-        back on the next call (about 0.1 s per GB). Only unmodified file pages are released: see
-        `lcmkit.loading.paging`. Weights that are not memory-mapped (cast, moved, trained) are not affected.
-        """
-        self._weight_paging = True
-
-    def disable_weight_paging(self) -> None:
-        """Keep every model's weights resident between stages and calls."""
-        self._weight_paging = False
-
-    @property
-    def weight_paging(self) -> bool:
-        return self._weight_paging
-
-    def set_conv_prepacking(self, mode: Prepack) -> None:
-        """How the UNet's and VAE's 3x3 convolutions use oneDNN-packed weights at small sizes (`lcmkit.nn.conv`).
-
-        "auto" (the default): pack memory-mapped weights, whose file pages are released in exchange, so packing
-        costs no memory; "always": pack in-memory weights too (fused LoRA, converted checkpoints), a copy of each;
-        "off": the plain `F.conv2d` path everywhere (also no convolution summed straight into a residual,
-        `Conv2d.add_into`).
-        """
-        for model in self._conv_models():
-            set_conv_prepacking(model, mode)
-
-    def set_conv_winograd(self, mode: Winograd) -> None:
-        """Where the UNet's and VAE's 3x3 convolutions take NNPACK's Winograd path (`lcmkit.nn.conv`).
-
-        "auto" (the default): on the CPU in float32, for maps of at least 96x96 pixels with at least 256 channels,
-        where it measured faster than oneDNN (the SD decoder at 512² 10.6 -> 9.9 s on a 2-core AVX-512 VM); the
-        VAE runs those levels in plain NCHW. It rounds differently from a direct convolution (about 1e-5 relative).
-        "always": every eligible convolution, at any size; "off": never.
-        """
-        for model in self._conv_models():
-            set_conv_winograd(model, mode)
-
-    def _conv_models(self) -> list[torch.nn.Module]:
-        """The UNet and the VAE, where they are torch modules (an OpenVINO stand-in is not): what the conv switches
-        reach."""
-        return [model for model in (self.unet, self.vae) if isinstance(model, torch.nn.Module)]
-
-    def _page_out(self, *modules: Any) -> None:
-        if self._weight_paging:
-            release_weight_pages(*modules)
-
-    def enable_vae_tiling(self) -> None:
-        """Encode/decode in overlapping tiles. Alias of `pipe.vae.enable_tiling()`."""
-        self.vae.enable_tiling()
-
-    def disable_vae_tiling(self) -> None:
-        self.vae.disable_tiling()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Properties read by callbacks (diffusers exposes the same)
@@ -289,61 +78,7 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         return self._num_timesteps
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Shared steps
-
-    def _check_common_inputs(
-        self,
-        prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
-        output_type: str,
-        callback_on_step_end_tensor_inputs: Sequence[str],
-        num_images_per_prompt: int,
-        num_inference_steps: int | None,
-        timesteps: list[int] | None,
-    ) -> None:
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has {bad}, which are not callback inputs; "
-                f"allowed: {self._callback_tensor_inputs}"
-            )
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError(
-                "Cannot forward both `prompt` and `prompt_embeds`: pass one of them (prompt_embeds replaces the text encoder)"
-            )
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Provide either `prompt` or `prompt_embeds`; both are None")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}")
-        if isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt):
-            raise ValueError("every entry of a `prompt` list must be a str")
-        if prompt_embeds is not None and prompt_embeds.ndim != 3:
-            raise ValueError(
-                f"`prompt_embeds` must be (batch, tokens, dim), got shape {tuple(prompt_embeds.shape)}"
-            )
-        if output_type not in OUTPUT_TYPES:
-            # diffusers warns and falls back to "np"; a typo silently changing the return type helps nobody
-            raise ValueError(f"unknown output_type {output_type!r}; allowed: {list(OUTPUT_TYPES)}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}")
-        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
-
-    def _batch_size(self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
-        if isinstance(prompt, str):
-            return 1
-        if isinstance(prompt, list):
-            return len(prompt)
-        return prompt_embeds.shape[0]
-
-    @staticmethod
-    def _check_generator(generator: Generator, batch: int) -> None:
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(
-                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch "
-                f"size of {batch} (prompts x num_images_per_prompt). Make sure the batch size matches the length of "
-                "the generators."
-            )
+    # Prompt encoding and one run of a call
 
     def encode_prompt(
         self,
@@ -419,7 +154,7 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         - A UNet without a w-embedding (an SD UNet with an LCM-LoRA) does real classifier-free guidance at
           `guidance_scale` when it is > 1, as diffusers' StableDiffusionPipeline does; the negative prompt defaults to "".
         """
-        batch = self._batch_size(prompt, prompt_embeds)
+        batch = prompt_batch_size(prompt, prompt_embeds)
         if isinstance(negative_prompt, str) and isinstance(prompt, list):
             negative_prompt = [
                 negative_prompt
@@ -453,28 +188,94 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         self._page_out(self.text_encoder)
         return Conditioning(embeds, negative, w_embedding, cfg_scale)
 
-    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, state: dict, cfg_scale: float) -> torch.Tensor:
-        """The UNet's raw prediction, with classifier-free guidance eps_u + s (eps_c - eps_u) when a negative is set."""
-        negative, w_embedding = state["negative_prompt_embeds"], state["w_embedding"]
-        if negative is None:
-            return self.unet(
-                x_t,
-                t,
-                timestep_cond=w_embedding,
-                encoder_hidden_states=state["prompt_embeds"],
-                cross_attention_kwargs=self._cross_attention_kwargs,
-                return_dict=False,
-            )[0]
-        pred = self.unet(
-            torch.cat([x_t, x_t]),
-            t,
-            timestep_cond=None if w_embedding is None else torch.cat([w_embedding, w_embedding]),
-            encoder_hidden_states=torch.cat([negative, state["prompt_embeds"]]),
-            cross_attention_kwargs=self._cross_attention_kwargs,
-            return_dict=False,
-        )[0]
-        uncond, cond = pred.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+    def _run(
+        self,
+        *,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt: str | list[str] | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        negative_guidance_scale: float,
+        num_images_per_prompt: int,
+        num_inference_steps: int,
+        original_inference_steps: int | None,
+        timesteps: list[int] | None,
+        strength: float,
+        generator: Generator,
+        output_type: str,
+        return_dict: bool,
+        cross_attention_kwargs: dict | None,
+        clip_skip: int | None,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        legacy_callback: Callable | None,
+        legacy_callback_steps: int,
+        start_latents: Callable[[torch.Tensor, int, torch.dtype, torch.device], torch.Tensor],
+        check_more: Callable[[], None] | None = None,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """One call of either pipeline; `start_latents(schedule, batch, dtype, device)` makes its x_t at the
+        first timestep (noise, or the noised image), and `check_more()` checks its own inputs."""
+        # 1. check inputs
+        check_common_inputs(
+            prompt,
+            prompt_embeds,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            self._callback_tensor_inputs,
+            num_images_per_prompt,
+            num_inference_steps,
+            timesteps,
+        )
+        if check_more is not None:
+            check_more()
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        batch = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        check_generator(generator, batch)
+        device = self.device
+        # 2. text embeddings and the w-embedding
+        cond = self._conditioning(
+            prompt,
+            prompt_embeds,
+            negative_prompt,
+            negative_prompt_embeds,
+            guidance_scale,
+            negative_guidance_scale,
+            num_images_per_prompt,
+            clip_skip,
+            device,
+        )
+        dtype = cond.prompt_embeds.dtype
+        # 3. timesteps (img2img: shortened by strength inside the scheduler)
+        schedule = self._set_timesteps(
+            num_inference_steps, device, timesteps, original_inference_steps, strength
+        )
+        # 4. starting latents
+        latents = start_latents(schedule, batch, dtype, device)
+        # 5. the sampler, then the decode
+        denoised = self._denoise(
+            latents,
+            schedule,
+            cond,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            legacy_callback,
+            legacy_callback_steps,
+        )
+        image, has_nsfw = decode_latents(
+            denoised,
+            self.vae,
+            self.safety_checker,
+            self.feature_extractor,
+            output_type,
+            device,
+            dtype,
+            self._page_out,
+        )
+        return pipeline_output(image, has_nsfw, return_dict)
 
     def _denoise(
         self,
@@ -487,7 +288,8 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
         legacy_callback: Callable | None = None,
         legacy_callback_steps: int = 1,
     ) -> torch.Tensor:
-        """The LCM multistep sampler (Luo et al. 2023, Alg. 3). Returns the last consistency estimate `denoised`."""
+        """`sample_lcm` with the UNet (and guidance) as `predict`; the step hooks may read and replace the tensors
+        they asked for (the prompt embeddings too: `predict` reads them from the same state)."""
         self._num_timesteps = len(timesteps)
         self._do_cfg = cond.negative_embeds is not None
         state = {
@@ -497,17 +299,26 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
             "w_embedding": cond.w_embedding,
             "denoised": None,
         }
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return guided_prediction(
+                self.unet,
+                # identity for LCM/TCD/DDIM; Euler divides by sqrt(sigma^2 + 1)
+                self.scheduler.scale_model_input(x_t, t),
+                t,
+                state["prompt_embeds"],
+                state["negative_prompt_embeds"],
+                state["w_embedding"],
+                cond.cfg_scale,
+                self._cross_attention_kwargs,
+            )
+
         with self.progress_bar(total=len(timesteps)) as bar:
-            for i, t in enumerate(timesteps):
-                # 1. the consistency function's raw prediction at (x_t, t, w, c)
-                x_t = state["latents"].to(state["prompt_embeds"].dtype)
-                # (identity for LCM/TCD/DDIM; Euler divides by sqrt(sigma^2 + 1))
-                model_pred = self._predict(self.scheduler.scale_model_input(x_t, t), t, state, cond.cfg_scale)
-                # 2. x0 estimate with the boundary scalings, then re-noise to the next timestep (not after the last)
-                state["latents"], state["denoised"] = self.scheduler.step(
-                    model_pred, t, x_t, generator=generator, return_dict=False
-                )
-                # 3. user hook: may read and replace any of the tensors it asked for
+
+            def after_step(
+                i: int, t: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                state["latents"], state["denoised"] = x, denoised
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {k: state[k] for k in callback_tensor_inputs})
                     if not isinstance(out, dict):
@@ -518,57 +329,16 @@ class LCMPipelineBase(LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFi
                 if legacy_callback is not None and i % legacy_callback_steps == 0:
                     legacy_callback(i, t, state["latents"])
                 bar.update()
+                return state["latents"].to(state["prompt_embeds"].dtype), state["denoised"]
+
+            x_t = latents.to(cond.prompt_embeds.dtype)
+            denoised = sample_lcm(
+                predict, self.scheduler, x_t, timesteps, generator=generator, callback=after_step
+            )
         self._page_out(self.unet)
-        # LCM decodes its last consistency estimate; other samplers (DDIM, ...) their last sample, as diffusers.
-        final = state["denoised"] if isinstance(self.scheduler, LCMScheduler) else state["latents"]
+        # LCM decodes its last consistency estimate; other samplers (DDIM, Euler) their last sample, as diffusers.
+        final = denoised if isinstance(self.scheduler, LCMScheduler) else state["latents"]
         return final.to(state["prompt_embeds"].dtype)
-
-    def _decode(
-        self,
-        denoised: torch.Tensor,
-        output_type: str,
-        device: torch.device,
-        dtype: torch.dtype,
-        return_dict: bool,
-    ) -> StableDiffusionPipelineOutput | tuple:
-        """VAE-decode the consistency estimate, screen it, convert to the requested type."""
-        if output_type == "latent":
-            image, has_nsfw = denoised, None
-        else:
-            image = self.vae.decode(denoised / self.vae.config.scaling_factor, return_dict=False)[0]
-            self._page_out(self.vae)
-            image, has_nsfw = run_safety_checker(
-                self.safety_checker, self.feature_extractor, image, device, dtype
-            )
-            self._page_out(self.safety_checker)
-        do_denormalize = [True] * image.shape[0] if has_nsfw is None else [not flag for flag in has_nsfw]
-        image = postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        if not return_dict:
-            return image, has_nsfw
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw)
-
-    def _set_call_state(
-        self, guidance_scale: float, clip_skip: int | None, cross_attention_kwargs: dict | None
-    ) -> None:
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-
-    @staticmethod
-    def _pop_legacy_callback(kwargs: dict) -> tuple[Callable | None, int]:
-        callback = kwargs.pop("callback", None)
-        steps = kwargs.pop("callback_steps", None)
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-        if callback is not None or steps is not None:
-            warnings.warn(
-                "`callback` and `callback_steps` are deprecated; use `callback_on_step_end`",
-                FutureWarning,
-                stacklevel=3,
-            )
-        if steps is not None and (not isinstance(steps, int) or steps <= 0):
-            raise ValueError(f"`callback_steps` has to be a positive integer but is {steps!r}")
-        return callback, steps or 1
 
     def _use_preset(
         self, preset: str | None, steps: int, timesteps: list[int] | None, guidance_scale: float

@@ -13,8 +13,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from lcmkit.pipelines.common import Generator, LCMPipelineBase
-from lcmkit.pipelines.image import preprocess
+from lcmkit.io.images import preprocess
+from lcmkit.pipelines.checks import Generator, check_generator, pop_legacy_callback
+from lcmkit.pipelines.common import LCMPipelineBase
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.randn import randn_like_reference
 
@@ -52,7 +53,7 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
         """
         image = image.to(device=device, dtype=dtype)
         batch = batch_size * num_images_per_prompt
-        self._check_generator(generator, batch)
+        check_generator(generator, batch)
         if image.shape[1] == self.vae.config.latent_channels:
             z0 = image
         else:
@@ -119,73 +120,54 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
         preset: str | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
-        legacy_callback, legacy_steps = self._pop_legacy_callback(kwargs)
+        legacy_callback, legacy_steps = pop_legacy_callback(kwargs)
         num_inference_steps, timesteps, guidance_scale = self._use_preset(
             preset, num_inference_steps, timesteps, guidance_scale
         )
-        # 1. check inputs
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
-        self._check_common_inputs(
-            prompt,
-            prompt_embeds,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            num_images_per_prompt,
-            num_inference_steps,
-            timesteps,
-        )
-        if image is None and latents is None:
-            raise ValueError(
-                "img2img needs an `image` (PIL, numpy array, tensor, or a list of them) or `latents`"
-            )
-        self._set_call_state(guidance_scale, clip_skip, cross_attention_kwargs)
-        batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
-        self._check_generator(generator, batch)
-        device = self.device
-        # 2. text embeddings and the input image
-        cond = self._conditioning(
-            prompt,
-            prompt_embeds,
-            negative_prompt,
-            negative_prompt_embeds,
-            guidance_scale,
-            negative_guidance_scale,
-            num_images_per_prompt,
-            clip_skip,
-            device,
-        )
-        prompt_embeds = cond.prompt_embeds
-        # 3. timesteps, shortened by strength inside the scheduler
-        schedule = self._set_timesteps(
-            num_inference_steps, device, timesteps, original_inference_steps, strength
-        )
-        # 4. starting latents: the noised image (the image is ignored when `latents` are given, as in the reference)
-        if latents is None:
+
+        def check_image() -> None:
+            if image is None and latents is None:
+                raise ValueError(
+                    "img2img needs an `image` (PIL, numpy array, tensor, or a list of them) or `latents`"
+                )
+
+        def start_latents(
+            schedule: torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device
+        ) -> torch.Tensor:
+            """The noised image at the first timestep; `latents`, when given, replace the image (as in the
+            reference)."""
+            if latents is not None:
+                return latents.to(device)
             pixels = preprocess(image, self.vae_scale_factor)
-            latents = self.prepare_latents(
-                pixels,
-                schedule[:1],
-                batch // num_images_per_prompt,
-                num_images_per_prompt,
-                prompt_embeds.dtype,
-                device,
-                generator,
-            )
-        else:
-            latents = latents.to(device)
-        # 5. the loop, the decode
-        denoised = self._denoise(
-            latents,
-            schedule,
-            cond,
-            generator,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            legacy_callback,
-            legacy_steps,
+            n = num_images_per_prompt
+            return self.prepare_latents(pixels, schedule[:1], batch // n, n, dtype, device, generator)
+
+        return self._run(
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            negative_guidance_scale=negative_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            original_inference_steps=original_inference_steps,
+            timesteps=timesteps,
+            generator=generator,
+            output_type=output_type,
+            return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            legacy_callback=legacy_callback,
+            legacy_callback_steps=legacy_steps,
+            strength=strength,
+            start_latents=start_latents,
+            check_more=check_image,
         )
-        return self._decode(denoised, output_type, device, prompt_embeds.dtype, return_dict)
 
     def get_timesteps(
         self, num_inference_steps: int, strength: float, device: torch.device

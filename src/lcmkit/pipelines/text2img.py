@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from lcmkit.pipelines.common import Generator, LCMPipelineBase
+from lcmkit.pipelines.checks import Generator, check_generator, pop_legacy_callback
+from lcmkit.pipelines.common import LCMPipelineBase
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.randn import randn_like_reference
 
@@ -35,7 +36,7 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
-        self._check_generator(generator, batch_size)
+        check_generator(generator, batch_size)
         if latents is None:
             latents = randn_like_reference(shape, generator=generator, device=device, dtype=dtype)
         else:
@@ -72,64 +73,42 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
         preset: str | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
-        legacy_callback, legacy_steps = self._pop_legacy_callback(kwargs)
+        legacy_callback, legacy_steps = pop_legacy_callback(kwargs)
         num_inference_steps, timesteps, guidance_scale = self._use_preset(
             preset, num_inference_steps, timesteps, guidance_scale
         )
-        # 0. sizes default to the UNet's sample size in pixels
+        # sizes default to the UNet's sample size in pixels
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        # 1. check inputs
         if height % 8 != 0 or width % 8 != 0:
             raise ValueError(f"`height` and `width` have to be divisible by 8 but are {height} and {width}.")
-        self._check_common_inputs(
-            prompt,
-            prompt_embeds,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            num_images_per_prompt,
-            num_inference_steps,
-            timesteps,
+
+        def start_latents(
+            schedule: torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device
+        ) -> torch.Tensor:
+            channels = self.unet.config.in_channels
+            return self.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
+
+        return self._run(
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            negative_guidance_scale=negative_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            original_inference_steps=original_inference_steps,
+            timesteps=timesteps,
+            generator=generator,
+            output_type=output_type,
+            return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            legacy_callback=legacy_callback,
+            legacy_callback_steps=legacy_steps,
+            strength=1.0,
+            start_latents=start_latents,
         )
-        self._set_call_state(guidance_scale, clip_skip, cross_attention_kwargs)
-        batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
-        self._check_generator(generator, batch)
-        device = self.device
-        # 2. text embeddings
-        cond = self._conditioning(
-            prompt,
-            prompt_embeds,
-            negative_prompt,
-            negative_prompt_embeds,
-            guidance_scale,
-            negative_guidance_scale,
-            num_images_per_prompt,
-            clip_skip,
-            device,
-        )
-        prompt_embeds = cond.prompt_embeds
-        # 3. timesteps
-        schedule = self._set_timesteps(num_inference_steps, device, timesteps, original_inference_steps)
-        # 4. initial latents
-        latents = self.prepare_latents(
-            batch,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
-        # 5. the loop, the decode
-        denoised = self._denoise(
-            latents,
-            schedule,
-            cond,
-            generator,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            legacy_callback,
-            legacy_steps,
-        )
-        return self._decode(denoised, output_type, device, prompt_embeds.dtype, return_dict)

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lcmkit.config import read_config_json, require_settings
+from lcmkit.io.errors import ModelFileError, one_line
 from lcmkit.schedulers.lcm_math import (
     boundary_scalings,
     custom_lcm_timesteps,
@@ -247,9 +249,6 @@ class LCMScheduler:
         Anything wrong with the file (missing, not a JSON object, no settings, a value this scheduler refuses)
         raises a `ModelFileError` naming it.
         """
-        from lcmkit.config import read_config_json, require_settings
-        from lcmkit.loading.errors import ModelFileError, one_line
-
         path = Path(folder, subfolder or "", CONFIG_NAME)
         config = require_settings(read_config_json(path), path, "scheduler")
         try:

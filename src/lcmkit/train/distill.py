@@ -1,4 +1,4 @@
-"""Latent consistency distillation (LCD; Luo et al. 2023, arXiv:2310.04378, Algorithm 1; spec §7).
+"""Latent consistency distillation (LCD; Luo et al. 2023, arXiv:2310.04378, Algorithm 1).
 
 A student UNet f_phi (the teacher's weights plus a zero-initialised w-embedding input, `time_embedding.cond_proj`)
 learns to map any point of the teacher's probability-flow trajectory straight to its origin. Per sample:
@@ -16,7 +16,8 @@ learns to map any point of the teacher's probability-flow trajectory straight to
 The LCM-LoRA variant (`DistillConfig.lora_rank`; pieces in `lcmkit.train.distill_lora`) runs the same objective
 with a different student: the teacher UNet itself plus a trainable adapter, without w-embedding (w reaches only the
 teacher's guided step). The teacher is that UNet with its adapters switched off, and the target f_phi^- is the
-online student under stop-gradient, as in the LCM-LoRA training scripts (spec §7 step 7): no EMA copy.
+online student under stop-gradient, as in diffusers' LCM-LoRA training script (train_lcm_distill_lora_sd_wds.py): no
+EMA copy.
 
 The boundary scalings, x0/eps conversions, skipping-step grid and w-embedding are `lcm_math`'s, the very
 functions the LCM scheduler samples with, so training and sampling cannot drift apart.
@@ -41,6 +42,7 @@ from lcmkit.loading.folders import load_components
 from lcmkit.models.text import encode_prompt
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.nn.lora import scale_lora
+from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
 from lcmkit.schedulers import LCMScheduler
 from lcmkit.schedulers.lcm_math import (
     boundary_scalings,
@@ -357,8 +359,6 @@ def save_lcm_folder(
     target: UNet2DConditionModel | None = None,
 ) -> Path:
     """Write a complete LCM folder: the student, the teacher's VAE / text encoder / tokenizer, an LCMScheduler."""
-    from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
-
     parts, _ = load_components(
         teacher_folder, overrides={**_NO_SAFETY, "unet": student, "scheduler": scheduler}
     )

@@ -32,7 +32,7 @@ ADAPTER_NAME = "lcm"
 # pytorch_lora_weights.safetensors, the name `load_lora_weights` looks for
 LORA_WEIGHT_NAME = LORA_WEIGHT_NAMES[0]
 # Every attention projection, transformer feed-forward, resnet conv and time projection and the resampler convs:
-# the target list of the published LCM-LoRA training scripts (spec §6).
+# the target list of the published LCM-LoRA training scripts (diffusers' train_lcm_distill_lora_sd_wds.py).
 LCM_LORA_TARGETS = (
     "to_q",
     "to_k",

@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
 from lcmkit.train.data import SyntheticShapes, WorldConfig
 from lcmkit.train.distill import DistillConfig, distill
 from lcmkit.train.loop import LoopConfig, make_accelerator
@@ -210,8 +211,6 @@ def _stage_configs(
 
 def sample_grid(lcm_dir: str | Path, captions: tuple[str, ...], path: str | Path, seed: int = 0) -> Path:
     """One row per caption: 1-, 2- and 4-step LCM samples, then a real image of a world scene for scale."""
-    from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
-
     pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -32,7 +32,7 @@ from lcmkit.schedulers import LCMScheduler
 from lcmkit.train.data import WorldConfig, open_dataset, world_words
 from lcmkit.train.loop import LoopConfig, fit, frozen_dtype, latest_checkpoint, make_accelerator
 from lcmkit.train.text_pretrain import TextPretrainConfig, dataset_captions, pretrain_text_encoder
-from lcmkit.train.tokenizer import write_word_clip_tokenizer
+from lcmkit.train.tokenizer import tokenize, write_word_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -159,18 +159,6 @@ def draw_noise(
     if noise_offset:
         eps = eps + noise_offset * torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator)
     return eps
-
-
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
-    """Token ids padded to `model_max_length`, exactly as the pipelines tokenise prompts."""
-    ids = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return ids.to(device)
 
 
 def build_text_encoder(spec: TextEncoderSpec, tokenizer: CLIPTokenizer) -> CLIPTextModel:

@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from lcmkit.train.tokenizer import tokenize
+
 logger = logging.getLogger(__name__)
 
 
@@ -91,8 +93,6 @@ def pretrain_text_encoder(
         return []
     if not captions:
         raise ValueError("text pretraining needs at least one caption")
-    from lcmkit.train.teacher import tokenize  # teacher imports this module
-
     device = torch.device(device)
     ids = tokenize(tokenizer, captions, torch.device("cpu"))
     gen = torch.Generator().manual_seed(config.seed)

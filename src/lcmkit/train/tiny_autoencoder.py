@@ -37,6 +37,7 @@ from torch import nn
 
 from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
 from lcmkit.models.vae import AutoencoderKL
+from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
 from lcmkit.train.data import WorldConfig, open_dataset
 from lcmkit.train.loop import LoopConfig, fit, make_accelerator
 from lcmkit.train.teacher import sample_latents
@@ -118,8 +119,6 @@ def sample_pipeline_latents(
     `guidance_range` = (low, high) by a generator seeded with `seed`. The initial noise comes from a second
     generator, also seeded with `seed`, shared by all chunks in order.
     """
-    from lcmkit.pipelines.text2img import LatentConsistencyModelPipeline
-
     low, high = guidance_range
     if not captions:
         raise ValueError("captions is empty; give at least one caption to sample")

@@ -2,7 +2,7 @@
 
 A tiny text encoder learns far faster from one token per word than from characters. We keep CLIP's format, so
 `CLIPTokenizer` (and so any diffusers / lcmkit pipeline) loads the folder unchanged: the vocabulary starts from
-the character-level vocab of `lcmkit.tiny` (every byte, alone and with `</w>`, so any text still tokenises), and
+the character-level vocab of `lcmkit.io.tokenizer` (every byte, alone and with `</w>`, so any text still tokenises), and
 BPE merges are learnt on the word list until every listed word is a single token.
 """
 
@@ -13,7 +13,10 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from lcmkit.tiny import write_char_clip_tokenizer
+import torch
+from transformers import CLIPTokenizer
+
+from lcmkit.io.tokenizer import write_char_clip_tokenizer
 
 END_OF_WORD = "</w>"
 
@@ -69,3 +72,15 @@ def write_word_clip_tokenizer(folder: str | Path, words: Iterable[str], model_ma
     lines = "".join(f"{a} {b}\n" for a, b in merges)
     (folder / "merges.txt").write_text("#version: 0.2\n" + lines, encoding="utf-8")
     return folder
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
+    """Token ids padded to `model_max_length`, exactly as the pipelines tokenise prompts."""
+    ids = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids.to(device)
