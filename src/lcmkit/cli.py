@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from lcmkit.distributed import cli as distributed_cli
 from lcmkit.request import (
     OPTION_KEYS,
     GenerationRequest,
@@ -247,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsupported", choices=("refuse", "warn"), default="refuse",
                    help="request settings the server cannot honour (A1111 hires fix, OpenAI style, unknown "
                    "fields...): refuse them with 400, or run without them and list them in the reply's warnings")  # fmt: skip
+    distributed_cli.add_serve_arguments(p, _arg)
     add_distill_parser(sub, common)
+    distributed_cli.add_batch_parser(sub, [common, model, where, pipe], _HelpFormatter, _arg)
     return parser
 
 
@@ -458,26 +461,31 @@ def slug(prompt: str, limit: int = 48) -> str:
 def save_png(image: PIL.Image.Image, folder: Path, stem: str, parameters: str) -> Path:
     """Write `stem-NNNN.png` with the first free NNNN. Exclusive create (`x`), so a file that exists, or that
     another process creates at the same moment, is never overwritten: we just take the next number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while not write_png(image, path := folder / f"{stem}-{n:04d}.png", parameters):
+        n += 1
+    return path
+
+
+def write_png(image: PIL.Image.Image, path: Path, parameters: str) -> bool:
+    """Write `path` with the A1111 `parameters` chunk unless it exists (False then). Exclusive create (`x`): a file
+    that exists, or that another process creates at the same moment, is never overwritten."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", parameters)  # AUTOMATIC1111's key; tEXt (iTXt when not Latin-1)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    while True:
-        path = folder / f"{stem}-{n:04d}.png"
-        try:
-            f = open(path, "xb")  # noqa: SIM115
-        except FileExistsError:
-            n += 1
-            continue
-        try:
-            with f:
-                image.save(f, format="PNG", pnginfo=info)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return path
+    try:
+        f = open(path, "xb")  # noqa: SIM115
+    except FileExistsError:
+        return False
+    try:
+        with f:
+            image.save(f, format="PNG", pnginfo=info)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def run_item(pipe: Any, model_name: str, item: Item, out: Path) -> list[Path]:
@@ -591,6 +599,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_runtime(spec)
     key = args.api_key or os.environ.get("LCMKIT_API_KEY") or None
     _quiet_libraries(args.debug)
+    if args.ray:
+        return distributed_cli.cmd_serve_ray(args, spec, options, key)
     server.serve(spec, host=args.host, port=args.port, api_key=key, **options)
     return 0
 
@@ -664,6 +674,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "serve": cmd_serve,
     "distill": cmd_distill,
+    "batch": lambda args: distributed_cli.cmd_batch(args, model_spec(args)),
 }
 
 
