@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -38,7 +39,7 @@ def url():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(serve_app(ModelSpec(), api_key="k", replicas=2, threads=1), name="lcmkit")
+    serve.run(serve_app(ModelSpec(), api_key="k", replicas=2, threads=1, queue_size=8), name="lcmkit")
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):  # each replica loads the model in its worker thread
         if httpx.get(f"{base}/health", timeout=10).status_code == 200:
@@ -86,3 +87,19 @@ def test_bad_option_fails_before_starting() -> None:
         serve_app(ModelSpec(), replicas=0)
     with pytest.raises(ValueError, match="unknown server limits"):
         serve_app(ModelSpec(), max_stepz=3)
+
+
+def test_a_killed_replica_loses_no_accepted_request(url: str) -> None:
+    body = {"prompt": "slow", "seed": 1, "steps": 50, "width": 128, "height": 128}
+
+    def post(_: int) -> int:
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, headers=KEY, timeout=300)
+        return r.status_code if r.status_code == 200 else (r.status_code, r.text[:300])
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "lcmkit-model" in a["name"]]
+    assert len(replicas) == 2
+    with ThreadPoolExecutor(6) as pool:
+        codes = pool.map(post, range(6))
+        time.sleep(2)  # the requests are accepted and running on both replicas
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
+        assert list(codes) == [200] * 6
