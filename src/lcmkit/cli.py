@@ -594,6 +594,8 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lcmkit import server  # its lazy `serve` turns a missing fastapi/uvicorn into one clear ImportError
 
+    if not args.ray and (args.replicas != 1 or args.address):
+        raise CliError("--replicas and --address serve on Ray: add --ray")
     spec = model_spec(args)
     options = server_options(args)
     check_runtime(spec)

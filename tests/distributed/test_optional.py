@@ -27,3 +27,8 @@ def test_missing_ray_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'lcmkit[ray]'" in err[0] and err[0].startswith("lcmkit: error:")
     assert not (tmp_path / "out").exists()
+
+
+def test_replicas_need_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "--replicas and --address serve on Ray: add --ray" in capsys.readouterr().err

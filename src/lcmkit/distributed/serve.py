@@ -136,7 +136,15 @@ def run_serve(
     ray = require_ray()
     from ray import serve
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(serve_app(model, api_key=api_key, replicas=replicas, **options), name="lcmkit", blocking=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(
+            serve_app(model, api_key=api_key, replicas=replicas, **options), name="lcmkit", blocking=True
+        )
+    finally:  # also on Ctrl-C: the replicas and, when we started it, the local Ray go with us
+        serve.delete("lcmkit", _blocking=False) if not started else serve.shutdown()
+        if started:
+            ray.shutdown()
