@@ -22,11 +22,11 @@ def main() -> None:
     rows = [{"prompt": f"prompt {i}", "seed": i} for i in range(count)]
     ray.init(include_dashboard=False, log_to_driver=False)
     print(f"loadavg before: {open('/proc/loadavg').read().strip()}; CPUs: {os.cpu_count()}")
-    for workers in (1, 2):
+    for workers, threads in ((1, None), (1, 1), (2, None)):  # None: the default, CPUs // workers
         with tempfile.TemporaryDirectory() as out:
-            summary = generate_dataset(rows, out, workers=workers, progress=False)
+            summary = generate_dataset(rows, out, workers=workers, threads=threads, progress=False)
         busy = sum(r["seconds"] for r in summary.records)
-        print(f"workers={workers}: {summary.line().split('; manifest')[0]}; "
+        print(f"workers={workers} threads={threads or os.cpu_count() // workers}: {summary.line().split('; manifest')[0]}; "
               f"per image in the actor {busy / count * 1000:.0f} ms; loadavg {open('/proc/loadavg').read().strip()}")  # fmt: skip
     ray.shutdown()
 
