@@ -31,6 +31,7 @@ import pytest
 import lcmkit.server
 from lcmkit import LatentConsistencyModelPipeline, cli, spec
 from lcmkit.cli import main
+from lcmkit.io.png import save_png
 from lcmkit.request import MAX_SEED, GenerationRequest, run_request
 from lcmkit.spec import ModelSpec, load_pipeline
 
@@ -257,7 +258,7 @@ def test_concurrent_writers_get_distinct_files(tmp_path):
     images = [PIL.Image.new("RGB", (8, 8)) for _ in range(8)]
     paths: list[Path] = []
     threads = [
-        threading.Thread(target=lambda i=i: paths.append(cli.save_png(images[i], tmp_path, "race", f"p{i}")))
+        threading.Thread(target=lambda i=i: paths.append(save_png(images[i], tmp_path, "race", f"p{i}")))
         for i in range(8)
     ]
     for t in threads:

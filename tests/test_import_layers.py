@@ -25,7 +25,8 @@ PACKAGE = Path(lcmkit.__file__).parent
 #   loading (folders, single files, LoRA, textual inversion, the hub)
 #   accel (OpenVINO stand-ins for the UNet and the VAE decoder: below the pipelines, so a FastPaths backend may pick them)
 #   pipelines (the two LCM pipelines) and presets (their sampler settings), request (one request for every front end), tiny (the demo model)
-#   spec (the model options of the CLI and the server), train, and the front ends: cli, server
+#   spec (the model options of the CLI and the server), train, then the front ends: server, distributed (Ray Data
+#   batches and Ray Serve around the server), cli
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lcmkit", "lcmkit.io"),
     ("lcmkit.config", "lcmkit.runtime"),
@@ -37,7 +38,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lcmkit.pipelines", "lcmkit.presets"),
     ("lcmkit.request", "lcmkit.tiny"),
     ("lcmkit.spec", "lcmkit.train"),
-    ("lcmkit.cli", "lcmkit.server", "lcmkit.__main__"),
+    ("lcmkit.server",),
+    ("lcmkit.distributed",),
+    ("lcmkit.cli", "lcmkit.__main__"),
 )
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from lcmkit.distributed import cli as distributed_cli
 from lcmkit.presets import chosen_values, preset_names
 from lcmkit.request import (
     OPTION_KEYS,
@@ -251,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsupported", choices=("refuse", "warn"), default="refuse",
                    help="request settings the server cannot honour (A1111 hires fix, OpenAI style, unknown "
                    "fields...): refuse them with 400, or run without them and list them in the reply's warnings")  # fmt: skip
+    distributed_cli.add_serve_arguments(p, _arg)
     add_distill_parser(sub, common)
+    distributed_cli.add_batch_parser(sub, [common, model, where, pipe], _HelpFormatter, _arg)
     return parser
 
 
@@ -406,16 +409,12 @@ def check_out(text: str) -> Path:
 
 
 def load_image(path: Path, size: tuple[int | None, int | None]) -> PIL.Image.Image:
-    import PIL.Image
+    from lcmkit.io.png import read_image
 
     try:
-        with PIL.Image.open(path) as im:
-            image = im.convert("RGB")
-    except (OSError, PIL.Image.DecompressionBombError) as e:
-        raise CliError(f"cannot read image {path}: {e}") from e
-    if size[0] or size[1]:  # --size resizes the input; the pipeline keeps the input's size otherwise
-        image = image.resize((size[0] or image.width, size[1] or image.height), PIL.Image.Resampling.LANCZOS)
-    return image
+        return read_image(path, size)
+    except ValueError as e:
+        raise CliError(str(e)) from e
 
 
 # Model -----------------------------------------------------------------------------------------------------
@@ -463,35 +462,11 @@ def slug(prompt: str, limit: int = 48) -> str:
     return text[:limit].rstrip("-") or "lcm"
 
 
-def save_png(image: PIL.Image.Image, folder: Path, stem: str, parameters: str) -> Path:
-    """Write `stem-NNNN.png` with the first free NNNN. Exclusive create (`x`), so a file that exists, or that
-    another process creates at the same moment, is never overwritten: we just take the next number."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)  # AUTOMATIC1111's key; tEXt (iTXt when not Latin-1)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    while True:
-        path = folder / f"{stem}-{n:04d}.png"
-        try:
-            f = open(path, "xb")  # noqa: SIM115
-        except FileExistsError:
-            n += 1
-            continue
-        try:
-            with f:
-                image.save(f, format="PNG", pnginfo=info)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return path
-
-
 def run_item(pipe: Any, model_name: str, item: Item, out: Path) -> list[Path]:
     """Generate one item's images and save them; prints `PATH<TAB>seed N` for each as soon as it is written."""
     from tqdm import tqdm
 
+    from lcmkit.io.png import save_png
     from lcmkit.request import run_request
 
     req = item.request
@@ -594,11 +569,15 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lcmkit import server  # its lazy `serve` turns a missing fastapi/uvicorn into one clear ImportError
 
+    if not args.ray and (args.replicas != 1 or args.address):
+        raise CliError("--replicas and --address serve on Ray: add --ray")
     spec = model_spec(args)
     options = server_options(args)
     check_runtime(spec)
     key = args.api_key or os.environ.get("LCMKIT_API_KEY") or None
     _quiet_libraries(args.debug)
+    if args.ray:
+        return distributed_cli.cmd_serve_ray(args, spec, options, key)
     server.serve(spec, host=args.host, port=args.port, api_key=key, **options)
     return 0
 
@@ -672,6 +651,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "serve": cmd_serve,
     "distill": cmd_distill,
+    "batch": lambda args: distributed_cli.cmd_batch(args, model_spec(args)),
 }
 
 

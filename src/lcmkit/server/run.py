@@ -29,7 +29,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _spec_and_limits(
+def spec_and_limits(
     model: ModelSpec | str | None, options: dict[str, Any]
 ) -> tuple[ModelSpec, dict[str, Any]]:
     """Split `serve`'s keyword options into the model spec's fields and the server's `Settings` fields."""
@@ -74,7 +74,7 @@ def serve(
     from lcmkit.server.app import create_app, uvicorn_options
     from lcmkit.server.jobs import Settings
 
-    spec, limits = _spec_and_limits(model, options)
+    spec, limits = spec_and_limits(model, options)
     api_key = api_key or os.environ.get("LCMKIT_API_KEY") or None
     settings = Settings(api_key=api_key, model_name=spec.model_name, vae_name=spec.tiny_vae, **limits)
     check_runtime(spec)
