@@ -43,6 +43,7 @@ from lcmkit.request import (
 from lcmkit.spec import (
     DEFAULT_MODEL,
     DTYPES,
+    FAST_PRECISIONS,
     FREEU_SD15,
     OPENVINO_PRECISIONS,
     ModelSpec,
@@ -191,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--openvino", choices=OPENVINO_PRECISIONS, metavar="PRECISION",
         help="fast mode: run the UNet and the VAE decoder with OpenVINO on the CPU, fp32 (the eager image up to "
         "rounding) or int8-weights; a --tiny-vae stays eager. Converted once (the UNet per image size), cached "
-        "in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]")  # fmt: skip
+        "in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]. --fast supersedes it")  # fmt: skip
+    add("--fast", action="store_true",
+        help="fast mode: the text encoder, UNet and VAE decoder on OpenVINO on the CPU at the precision this CPU "
+        "runs fastest (bf16 with avx512_bf16/AMX, int8 weights with VNNI, else fp32), compiled for the image size "
+        "and cached in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]")  # fmt: skip
+    add("--fast-precision", choices=FAST_PRECISIONS, default="auto",
+        help="with --fast: auto chooses from the CPU's flags")  # fmt: skip
     gen = argparse.ArgumentParser(add_help=False)
     add = gen.add_argument
     add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps")
@@ -429,9 +436,18 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         freeu=args.freeu,
         vae_tiling=args.vae_tiling,
         openvino=args.openvino,
+        fast=args.fast,
+        fast_precision=args.fast_precision,
+        fast_size=_fast_size(args),
         device=args.device,
         dtype=args.dtype,
     )
+
+
+def _fast_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The size `--fast` compiles first: `--size` when the command has it and both sides are given."""
+    size = getattr(args, "size", None)
+    return tuple(size) if size and all(size) else None
 
 
 def _quiet_libraries(debug: bool) -> None:

@@ -29,6 +29,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-lcm"
 """The trained tiny model shipped with lcmkit; what a spec without `model` loads."""
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 OPENVINO_PRECISIONS = ("fp32", "int8-weights")  # lcmkit.accel.per_shape.DATA_FREE_PRECISIONS, without torch
+FAST_PRECISIONS = ("auto", "fp32", "bf16", "int8-weights")  # lcmkit.accel.cpu.FAST_PRECISIONS, without torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FREEU_SD15 = (0.9, 0.2, 1.5, 1.6)  # s1, s2, b1, b2 recommended for SD1.5 by the FreeU authors
 _DEVICE = re.compile(r"[a-z][a-z0-9_]*(:\d+)?")
@@ -61,6 +62,10 @@ class ModelSpec:
     freeu: FreeU's (s1, s2, b1, b2), or None for off.
     vae_tiling: decode in tiles (large images, less memory).
     openvino: "fp32" or "int8-weights" to run the UNet and the VAE decoder with OpenVINO on the CPU, or None.
+        Superseded by `fast`, kept for scripts that name a precision and want the exact cache key.
+    fast: the fast mode (`lcmkit.accel.enable_fast`): text encoder, UNet and VAE decoder on OpenVINO on the CPU,
+        at `fast_precision` ("auto": what this CPU runs fastest), compiled first for `fast_size` (width, height;
+        None: the model's size) and per other size on first use, cached on disk.
     device: "cpu", "cuda", "cuda:1", "mps", ...; None: CUDA when available, else the CPU (always the CPU with
         OpenVINO).
     dtype: "auto" (float16 on CUDA, float32 elsewhere) or a torch dtype name.
@@ -74,6 +79,9 @@ class ModelSpec:
     freeu: tuple[float, float, float, float] | None = None
     vae_tiling: bool = False
     openvino: str | None = None
+    fast: bool = False
+    fast_precision: str = "auto"
+    fast_size: tuple[int, int] | None = None
     device: str | None = None
     dtype: str = "auto"
     name: str | None = None
@@ -85,6 +93,8 @@ class ModelSpec:
         if isinstance(self.tiny_vae, os.PathLike):
             set_(self, "tiny_vae", os.fspath(self.tiny_vae))
         set_(self, "loras", self._checked_loras())
+        if isinstance(self.fast_size, list):
+            set_(self, "fast_size", tuple(self.fast_size))
         if self.freeu is not None:
             if not isinstance(self.freeu, list | tuple) or len(self.freeu) != 4:
                 raise SpecError(f"--freeu takes 4 numbers s1,s2,b1,b2, got {self.freeu!r}")
@@ -150,6 +160,7 @@ class ModelSpec:
                 f"--openvino {self.openvino!r} is not a precision lcmkit converts; allowed: "
                 f"{', '.join(OPENVINO_PRECISIONS)}"
             )
+        self._check_fast()
         if self.device is not None and (
             not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device)
         ):
@@ -169,6 +180,35 @@ class ModelSpec:
                 raise SpecError(f"--openvino runs on the CPU; drop --device {self.device} or --openvino")
             if self.dtype not in ("auto", "float32"):
                 raise SpecError(f"--openvino runs float32; drop --dtype {self.dtype} or --openvino")
+
+    def _check_fast(self) -> None:
+        if not isinstance(self.fast, bool):
+            raise SpecError(f"--fast is on or off (True/False), got {self.fast!r}")
+        if self.fast_precision not in FAST_PRECISIONS:
+            raise SpecError(
+                f"--fast-precision {self.fast_precision!r} is not one lcmkit runs; allowed: "
+                f"{', '.join(FAST_PRECISIONS)}"
+            )
+        if self.fast_size is not None:
+            size = self.fast_size
+            if (
+                not isinstance(size, tuple | list)
+                or len(size) != 2
+                or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8 == 0 for v in size
+                )
+            ):
+                raise SpecError(f"the fast mode's size must be (width, height), multiples of 8, got {size!r}")
+        if not self.fast:
+            return
+        if self.openvino:
+            raise SpecError("--fast already runs OpenVINO (at the best precision here); drop --openvino")
+        if self.freeu:
+            raise SpecError("--freeu cannot be combined with --fast (FreeU's FFT does not convert); drop one")
+        if self.device is not None and self.device != "cpu":
+            raise SpecError(f"--fast runs on the CPU; drop --device {self.device} or --fast")
+        if self.dtype not in ("auto", "float32"):
+            raise SpecError(f"--fast runs float32 weights; drop --dtype {self.dtype} or --fast")
 
     # What it names ------------------------------------------------------------------------------------------
 
@@ -196,6 +236,7 @@ class ModelSpec:
         """One line for logs: the model and the switches that are on."""
         parts = [self.model_name, *(f"lora {s}:{w:g}" for s, w in self.loras)]
         switches = {"tiny vae": self.tiny_vae, "freeu": self.freeu, "openvino": self.openvino,
+                    "fast": self.fast and self.fast_precision,
                     "device": self.device, "vae tiling": self.vae_tiling or None}  # fmt: skip
         parts += [
             label if value is True else f"{label} {value}" for label, value in switches.items() if value
@@ -214,6 +255,8 @@ def check_runtime(spec: ModelSpec) -> None:
         raise SpecError(
             f"--openvino {spec.openvino} needs the openvino package: pip install 'lcmkit[openvino]'"
         )
+    if spec.fast and importlib.util.find_spec("openvino") is None:
+        raise SpecError("--fast needs the openvino package: pip install 'lcmkit[openvino]'")
     if spec.device is not None:
         _device(spec.device)
 
@@ -252,7 +295,8 @@ def device_and_dtype(spec: ModelSpec) -> tuple[torch.device, torch.dtype]:
     if spec.device is not None:
         device = _device(spec.device)
     else:
-        device = torch.device("cuda" if not spec.openvino and torch.cuda.is_available() else "cpu")
+        on_cpu = spec.openvino or spec.fast
+        device = torch.device("cuda" if not on_cpu and torch.cuda.is_available() else "cpu")
     if spec.dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, spec.dtype)
@@ -312,4 +356,16 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
             use_openvino(pipe, spec.openvino)
         except (ImportError, ValueError) as e:
             raise SpecError(f"--openvino {spec.openvino}: {e}") from None
+    if spec.fast:
+        _enable_fast(pipe, spec)
     return pipe, name
+
+
+def _enable_fast(pipe: Any, spec: ModelSpec) -> None:
+    from lcmkit.accel import enable_fast
+
+    width, height = spec.fast_size or (None, None)
+    try:
+        enable_fast(pipe, precision=spec.fast_precision, height=height, width=width)
+    except (ImportError, ValueError) as e:
+        raise SpecError(f"--fast: {e}") from None

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lcmkit import LatentConsistencyModelPipeline
-from lcmkit.accel import OpenVINOUNet, UNetInputs, collect_unet_inputs, openvino_unet
+from lcmkit.accel import OpenVINOUNet, UNetInputs, collect_unet_inputs, graphs, openvino_unet
 from lcmkit.accel import openvino as ov_module
 from lcmkit.tiny import build_tiny_lcm
 
@@ -180,8 +180,8 @@ def test_int8_precisions_stay_near_eager(tiny_lcm, ov_cache, precision, monkeypa
     assert len(list(ov_cache.glob(f"unet-{precision}-{'?' * 32}.xml"))) == 1
     assert len(list(ov_cache.glob(f"unet-fp32-{'?' * 32}.xml"))) == 1
     # the second call must come from the cache: converting or quantizing again would raise here
-    monkeypatch.setattr(ov_module, "_convert", _no_conversion)
-    monkeypatch.setattr(ov_module, "_quantize", _no_conversion)
+    monkeypatch.setattr(graphs, "convert", _no_conversion)
+    monkeypatch.setattr(graphs, "quantize", _no_conversion)
     again = openvino_unet(tiny_lcm.unet, **kwargs)
     ref = _call(tiny_lcm.unet, probes[0])
     rel = float((_call(again, probes[0]) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
@@ -274,13 +274,13 @@ def test_cached_fp32_conversion_releases_the_eager_weights(sd15, recorded, tmp_p
     fast = openvino_unet(unet, **kwargs)
     assert resident_weight_bytes(unet) < 0.1 * size
     assert _max_diff(_call(fast, recorded[0]), ref) <= FP32_CALL_TOL
-    monkeypatch.setattr(ov_module, "_convert", _no_conversion)
+    monkeypatch.setattr(graphs, "convert", _no_conversion)
     compiled_from = []
-    real_compile = ov_module._compile
+    real_compile = ov_module.compile_graph
     monkeypatch.setattr(
         ov_module,
-        "_compile",
-        lambda ov, model, *a: compiled_from.append(model) or real_compile(ov, model, *a),
+        "compile_graph",
+        lambda ov, model, *a, **k: compiled_from.append(model) or real_compile(ov, model, *a, **k),
     )
     again = openvino_unet(unet, **kwargs)
     assert compiled_from == [str(next(tmp_path.glob("unet-fp32-*.xml")))]

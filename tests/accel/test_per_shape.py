@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from lcmkit import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
-from lcmkit.accel import OpenVINOUNetPerShape, use_openvino_unet
-from lcmkit.accel import openvino as ov_module
+from lcmkit.accel import OpenVINOUNetPerShape, graphs, use_openvino_unet
 from lcmkit.accel.per_shape import CACHE_ENV, DATA_FREE_PRECISIONS, default_cache_dir
 from lcmkit.cli import OPENVINO_PRECISIONS
 from lcmkit.tiny import build_tiny_lcm
@@ -74,7 +73,7 @@ def test_every_size_matches_eager_and_converts_once(folder, tmp_path, monkeypatc
     assert unet.compiled_shapes == sorted((h // f, w // f, tokens) for h, w in ((32, 32), (48, 48), (24, 40)))
 
     # a fresh stand-in (as in a new process) reads every graph back from the cache
-    monkeypatch.setattr(ov_module, "_convert", _no_conversion)
+    monkeypatch.setattr(graphs, "convert", _no_conversion)
     again = _pipe(folder)
     use_openvino_unet(again, "fp32", cache_dir=tmp_path, threads=1)
     assert np.abs(_t2i(again, 48) - expected[48]).max() <= IMAGE_TOL

@@ -1,5 +1,8 @@
 """Opt-in accelerated runtimes for the models. Nothing here is used unless asked for.
 
+`enable_fast(pipe)` is the fast mode in one call (`--fast` on the CLI and the server): the text encoder, UNet and
+VAE decoder on OpenVINO at the precision this CPU runs fastest (`choose_precision`), cached on disk.
+
 `openvino_unet(pipe.unet, ...)` converts the UNet to an OpenVINO graph compiled for this CPU (fp32, or int8
 through NNCF) and returns a drop-in replacement for `pipe.unet`; `use_openvino_unet(pipe)` installs one that
 converts per image size on first use; `use_openvino_vae_decoder(pipe)` puts the full VAE's decoder on OpenVINO
@@ -24,6 +27,13 @@ _EXPORTS = {
     "OpenVINOVAEDecoder": "lcmkit.accel.vae_decoder",
     "use_openvino_vae_decoder": "lcmkit.accel.vae_decoder",
     "use_openvino": "lcmkit.accel.vae_decoder",
+    "OpenVINOTextEncoder": "lcmkit.accel.text_encoder",
+    "enable_fast": "lcmkit.accel.fast",
+    "FastMode": "lcmkit.accel.fast",
+    "FAST_PRECISIONS": "lcmkit.accel.cpu",
+    "PRECISION_RULES": "lcmkit.accel.cpu",
+    "choose_precision": "lcmkit.accel.cpu",
+    "cpu_flags": "lcmkit.accel.cpu",
 }
 
 __all__ = sorted(_EXPORTS)

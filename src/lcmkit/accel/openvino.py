@@ -20,18 +20,16 @@ Precisions (`precision=`):
   the recipe of OpenVINO's own LCM notebook (LCM-Dreamshaper-v7, 200 calibration calls); fastest.
 Both activation-quantizing modes need `calibration`: real UNet inputs, as `collect_unet_inputs` records them.
 
-The conversion, cache (IR files named by a digest of the weights) and quantization helpers take any module as a
-`_GraphSource`; `lcmkit.accel.vae_decoder` uses them for the VAE decoder.
+The conversion, cache (IR files named by a digest of the weights) and quantization helpers live in
+`lcmkit.accel.graphs`, shared with the VAE decoder and the whole-pipeline fast mode (`lcmkit.accel.fast`).
 
 `openvino` and `nncf` are imported only here, only when called: `pip install openvino nncf`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,32 +39,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from lcmkit.loading.paging import release_weight_pages
+from lcmkit.accel.graphs import (  # re-exported
+    DATA_FREE_PRECISIONS,
+    INSTALL_HINT,
+    NEEDS_CALIBRATION,
+    PRECISIONS,
+    Float32OnCPU,
+    GraphSource,
+    check_threads,
+    compile_graph,
+    import_nncf,
+    import_openvino,
+    load_or_build,
+    to_numpy,
+)
 from lcmkit.models.unet import UNet2DConditionOutput
-from lcmkit.nn.lora import lora_layers
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8-weights", "int8-hybrid", "int8")
-NEEDS_CALIBRATION = ("int8-hybrid", "int8")  # they quantize activations: calibration inputs required
-DATA_FREE_PRECISIONS = tuple(p for p in PRECISIONS if p not in NEEDS_CALIBRATION)
-INSTALL_HINT = "pip install openvino nncf"
-
-
-def _import_openvino() -> Any:
-    try:
-        import openvino
-    except ImportError as err:
-        raise ImportError(f"the OpenVINO fast mode needs the `openvino` package: {INSTALL_HINT}") from err
-    return openvino
-
-
-def _import_nncf() -> Any:
-    try:
-        import nncf
-    except ImportError as err:
-        raise ImportError(f"int8 OpenVINO precisions need the `nncf` package: {INSTALL_HINT}") from err
-    return nncf
+__all__ = [
+    "DATA_FREE_PRECISIONS",
+    "INSTALL_HINT",
+    "NEEDS_CALIBRATION",
+    "PRECISIONS",
+    "OpenVINOStandIn",
+    "OpenVINOUNet",
+    "UNetInputs",
+    "check_unet",
+    "collect_unet_inputs",
+    "openvino_unet",
+    "timestep_vector",
+    "unet_input_shapes",
+    "unet_source",
+]
 
 
 @dataclass
@@ -91,7 +96,7 @@ class UNetInputs:
             )[0]
 
 
-def _timestep_vector(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
+def timestep_vector(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
     """A number, 0-d, (1,) or (batch,) timestep as float32 (batch,), the form the compiled graph takes.
 
     Integer timesteps become float32 exactly (they are < 2**24); eager does the same cast in its sinusoid.
@@ -103,10 +108,6 @@ def _timestep_vector(timestep: torch.Tensor | float | int, batch: int) -> torch.
             f"got shape {tuple(t.shape)}"
         )
     return t.reshape(-1).expand(batch).contiguous()
-
-
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 class _Positional(nn.Module):
@@ -129,16 +130,8 @@ class _Positional(nn.Module):
         return out[0]
 
 
-class OpenVINOStandIn:
+class OpenVINOStandIn(Float32OnCPU):
     """What every OpenVINO stand-in for `pipe.unet` shares: float32 on the CPU, FreeU refused, calls go to forward."""
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         raise ValueError(
@@ -202,16 +195,16 @@ class OpenVINOUNet(OpenVINOStandIn):
         """Predict the model output for latents `sample`, as `UNet2DConditionModel.forward` does."""
         self._check_call(sample, encoder_hidden_states, timestep_cond, cross_attention_kwargs, unsupported)
         batch = sample.shape[0]
-        t = _timestep_vector(timestep, batch)
+        t = timestep_vector(timestep, batch)
         if timestep_cond is None and self.config.time_cond_proj_dim is not None:
             # cond_proj has no bias, so a zero w-embedding adds exactly nothing, as leaving it out does in eager
             timestep_cond = torch.zeros(batch, self.config.time_cond_proj_dim)
         outs = []
         for i in range(0, batch, self.batch_size):
             rows = slice(i, i + self.batch_size)
-            feeds = [_numpy(sample[rows]), t[rows].numpy(), _numpy(encoder_hidden_states[rows])]
+            feeds = [to_numpy(sample[rows]), t[rows].numpy(), to_numpy(encoder_hidden_states[rows])]
             if timestep_cond is not None:
-                feeds.append(_numpy(timestep_cond[rows]))
+                feeds.append(to_numpy(timestep_cond[rows]))
             result = self._request.infer(feeds)
             outs.append(torch.from_numpy(np.array(result[0], copy=True)))
         h = torch.cat(outs).to(device=sample.device, dtype=sample.dtype)
@@ -266,29 +259,12 @@ class OpenVINOUNet(OpenVINOStandIn):
                 raise ValueError(f"timestep_cond must be {want}, got {tuple(timestep_cond.shape)}")
 
 
-@dataclass
-class _GraphSource:
-    """What `_load_or_build` converts, and what its cache entry is named by.
-
-    `traced` is what `convert_model` traces: called with the `example` tensors as positional arguments, it returns
-    one tensor. `module` holds the weights (and LoRA layers) the cache key covers, and `description` what the
-    weights do not fix (the config, layer switches). `inputs` names each graph input with its shape; -1 leaves a
-    dimension free (the graph is then reshaped to static shapes before compiling).
-    """
-
-    name: str  # the cache files' prefix: "unet", "vae-decoder"
-    module: nn.Module
-    traced: nn.Module
-    inputs: dict[str, tuple[int, ...]]
-    example: tuple[torch.Tensor, ...]
-    output: str
-    description: str
-
-
-def _unet_source(unet: nn.Module, shapes: dict[str, tuple[int, ...]]) -> _GraphSource:
+def unet_source(
+    unet: nn.Module, shapes: dict[str, tuple[int, ...]], *, sampled_key: bool = False
+) -> GraphSource:
     example = [torch.zeros(shape) for shape in shapes.values()]
     example[1] = torch.full(shapes["timestep"], 500.0)
-    return _GraphSource(
+    return GraphSource(
         name="unet",
         module=unet,
         traced=_Positional(unet),
@@ -296,10 +272,13 @@ def _unet_source(unet: nn.Module, shapes: dict[str, tuple[int, ...]]) -> _GraphS
         example=tuple(example),
         output="out_sample",
         description=repr(unet.config),
+        sampled_key=sampled_key,
     )
 
 
-def _input_shapes(config: Any, batch: int, h: int, w: int, text_tokens: int) -> dict[str, tuple[int, ...]]:
+def unet_input_shapes(
+    config: Any, batch: int, h: int, w: int, text_tokens: int
+) -> dict[str, tuple[int, ...]]:
     shapes = {
         "sample": (batch, config.in_channels, h, w),
         "timestep": (batch,),
@@ -310,7 +289,7 @@ def _input_shapes(config: Any, batch: int, h: int, w: int, text_tokens: int) -> 
     return shapes
 
 
-def _check_unet(unet: nn.Module) -> None:
+def check_unet(unet: nn.Module) -> None:
     if not isinstance(unet, nn.Module):
         raise ValueError(
             f"expected the eager UNet (a torch module), got {type(unet).__name__}: an OpenVINO UNet is already "
@@ -336,7 +315,7 @@ def _calibration_batches(
         n = item.sample.shape[0]
         values = {
             "sample": item.sample,
-            "timestep": _timestep_vector(item.timestep, n),
+            "timestep": timestep_vector(item.timestep, n),
             "encoder_hidden_states": item.encoder_hidden_states,
             "timestep_cond": item.timestep_cond,
         }
@@ -361,153 +340,6 @@ def _calibration_batches(
     ]
 
 
-def _graph_digest(source: _GraphSource) -> str:
-    """A digest of everything the fp32 graph depends on: weights, LoRA adapters, config, shapes, OpenVINO version."""
-    h = hashlib.blake2b(digest_size=16)
-    parts = [source.description, repr(source.inputs), _import_openvino().__version__]
-    for name, layer in lora_layers(source.module):
-        parts.append(
-            repr((name, layer.scales, layer.adapter_weights, layer.active, layer.fused, layer.enabled))
-        )
-    h.update("\n".join(parts).encode())
-    for name, tensor in [*source.module.named_parameters(), *source.module.named_buffers()]:
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _precision_digest(graph: str, precision: str, calibration: list[list[np.ndarray]] | None) -> str:
-    """The fp32 digest extended by what quantization depends on: the precision, NNCF's version, the data."""
-    if precision == "fp32":
-        return graph
-    h = hashlib.blake2b(f"{graph}\n{precision}\n{_import_nncf().__version__}".encode(), digest_size=16)
-    for batch in calibration or []:
-        for array in batch:
-            h.update(np.ascontiguousarray(array))
-    return h.hexdigest()
-
-
-def _load_or_build(
-    ov: Any,
-    source: _GraphSource,
-    precision: str,
-    calibration: list[list[np.ndarray]] | None,
-    cache_dir: Path | None,
-    *,
-    detach: bool = False,
-    as_path: bool = False,
-) -> Any:
-    """The OpenVINO model for `precision`: read from `cache_dir` when there, else converted (from the cached fp32
-    IR when there: tracing is the slow part of converting) and quantized, and saved there.
-
-    A freshly converted model shares its constants with the torch weights. `detach=True` returns it read back
-    from the saved IR instead (memory-mapped), so the caller may release the torch module; without `cache_dir`
-    there is no file to read back, and the model keeps those weights alive (one copy, shared). `as_path=True`
-    (with a `cache_dir`) returns the IR file's path instead, for `_compile`: OpenVINO then finds its compiled blob
-    for that file without reading the graph's weights into memory."""
-    core = ov.Core()
-    if cache_dir is None:
-        return _quantize(_convert(ov, source), precision, calibration)
-    graph = _graph_digest(source)
-    # The digest read every eager weight into memory; OpenVINO works from its own copy from here on, so hand the
-    # memory-mapped pages back (they are read again if this module is ever converted or run eagerly).
-    release_weight_pages(source.module)
-    path = cache_dir / f"{source.name}-{precision}-{_precision_digest(graph, precision, calibration)}.xml"
-    if path.exists():
-        logger.info("reading the converted %s from %s", source.name, path)
-        return str(path) if as_path else core.read_model(path)
-    fp32_path = cache_dir / f"{source.name}-fp32-{graph}.xml"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    if fp32_path.exists():
-        model = core.read_model(fp32_path)
-    else:
-        model = _convert(ov, source)
-        ov.save_model(model, fp32_path, compress_to_fp16=False)  # fp16 would change the weights
-        if detach or as_path or precision != "fp32":  # then what is returned comes from the file, not this
-            model = core.read_model(fp32_path)
-            release_weight_pages(source.module)
-    if precision != "fp32":
-        model = _quantize(model, precision, calibration)
-        ov.save_model(model, path, compress_to_fp16=False)
-    if as_path:
-        return str(path)
-    return core.read_model(path) if detach else model
-
-
-def _convert(ov: Any, source: _GraphSource) -> Any:
-    was_training = source.module.training
-    source.traced.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the tracer warns that shape checks become constants: intended, the shapes are static
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # OpenVINO's PyTorch frontend traces with TorchScript, which torch now marks deprecated; the
-            # torch.export route converts too (same outputs), but to dynamic shapes and slower, so it is not used
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=DeprecationWarning)
-            # the tracer runs the model twice and wants the same graph both times: a first call builds what
-            # layers cache lazily (the VAE decoder's sub-pixel kernels), so both traces see the cached tensor
-            source.traced(*source.example)
-            model = ov.convert_model(
-                source.traced,
-                example_input=source.example,
-                input=[ov.PartialShape(list(shape)) for shape in source.inputs.values()],
-            )
-    finally:
-        source.module.train(was_training)
-    for port, name in zip(model.inputs, source.inputs, strict=True):
-        port.get_tensor().set_names({name})
-    model.outputs[0].get_tensor().set_names({source.output})
-    return model
-
-
-def _compile(ov: Any, model: Any, threads: int | None, cache_dir: str | Path | None) -> Any:
-    """Compile `model` (an ov.Model, or an IR file's path) for this CPU in float32 (no bf16/fp16 inference on CPUs
-    that have it), for the latency of one call; compiled blobs are cached under `cache_dir`/compiled when given."""
-    props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if threads is not None:
-        props["INFERENCE_NUM_THREADS"] = threads
-    if cache_dir is not None:
-        props["CACHE_DIR"] = str(Path(cache_dir) / "compiled")
-    return ov.Core().compile_model(model, "CPU", props)
-
-
-def _check_threads(threads: int | None) -> None:
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-
-
-def _quantize(model: Any, precision: str, calibration: list[list[np.ndarray]] | None) -> Any:
-    if precision == "fp32":
-        return model
-    nncf = _import_nncf()
-    if precision == "int8-weights":
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    dataset = nncf.Dataset(calibration)
-    if precision == "int8-hybrid":
-        model = nncf.compress_weights(
-            model,
-            mode=nncf.CompressWeightsMode.INT8_SYM,
-            ignored_scope=nncf.IgnoredScope(types=["Convolution"]),
-        )
-        return nncf.quantize(
-            model,
-            dataset,
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(types=["MatMul"]),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(
-                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
-            ),
-        )
-    return nncf.quantize(
-        model,
-        dataset,
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration),
-        advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
-    )
-
-
 def openvino_unet(
     unet: nn.Module,
     *,
@@ -520,6 +352,8 @@ def openvino_unet(
     threads: int | None = None,
     text_tokens: int = 77,
     vae_scale_factor: int = 8,
+    inference: str = "f32",
+    sampled_key: bool = False,
 ) -> OpenVINOUNet:
     """Convert `unet` to OpenVINO for images of `height` x `width` pixels, `batch_size` per UNet call, compile it
     for the CPU, and return a drop-in replacement for `pipe.unet`.
@@ -529,13 +363,15 @@ def openvino_unet(
     IR named by a digest of the weights, shapes, precision and calibration data, and read back instead of
     converting again (the fp32 IR also serves later precisions); compiled blobs are cached there too.
     `calibration` (for "int8" and "int8-hybrid") are recorded UNet inputs, e.g. from `collect_unet_inputs`.
+    `inference` is OpenVINO's arithmetic ("f32", or "bf16" on CPUs with bf16 units) and `sampled_key` names the
+    cache entry by a sample of the weights (see `GraphSource`): both are what the fast mode (`enable_fast`) sets.
     """
-    ov = _import_openvino()
+    ov = import_openvino()
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {list(PRECISIONS)}")
     if precision != "fp32":
-        _import_nncf()
-    _check_unet(unet)
+        import_nncf()
+    check_unet(unet)
     config = unet.config
     height = height or config.sample_size * vae_scale_factor
     width = width or config.sample_size * vae_scale_factor
@@ -543,9 +379,9 @@ def openvino_unet(
         raise ValueError(f"height and width must be multiples of {vae_scale_factor}, got {height}x{width}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    _check_threads(threads)
+    check_threads(threads)
     latent = (height // vae_scale_factor, width // vae_scale_factor)
-    shapes = _input_shapes(config, batch_size, *latent, text_tokens)
+    shapes = unet_input_shapes(config, batch_size, *latent, text_tokens)
     batches = None
     if precision in NEEDS_CALIBRATION:
         if not calibration:
@@ -557,11 +393,10 @@ def openvino_unet(
 
     started = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else None
-    model = _load_or_build(
-        ov, _unet_source(unet, shapes), precision, batches, cache, as_path=cache is not None
-    )
+    source = unet_source(unet, shapes, sampled_key=sampled_key)
+    model = load_or_build(ov, source, precision, batches, cache, as_path=cache is not None)
     logger.info("OpenVINO UNet (%s) ready to compile after %.1f s", precision, time.perf_counter() - started)
-    compiled = _compile(ov, model, threads, cache_dir)
+    compiled = compile_graph(ov, model, threads, cache_dir, inference=inference)
     return OpenVINOUNet(
         compiled,
         config,
@@ -589,7 +424,7 @@ class _Recorder:
         self.inputs.append(
             UNetInputs(
                 sample=sample.detach().to("cpu", torch.float32).clone(),
-                timestep=_timestep_vector(timestep, sample.shape[0]),
+                timestep=timestep_vector(timestep, sample.shape[0]),
                 encoder_hidden_states=encoder_hidden_states.detach().to("cpu", torch.float32).clone(),
                 timestep_cond=None if cond is None else cond.detach().to("cpu", torch.float32).clone(),
             )

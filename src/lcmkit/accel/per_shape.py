@@ -20,14 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcmkit.accel.openvino import (
-    DATA_FREE_PRECISIONS,
-    OpenVINOStandIn,
-    OpenVINOUNet,
-    _check_unet,
-    _import_openvino,
-    openvino_unet,
-)
+from lcmkit.accel.graphs import DATA_FREE_PRECISIONS, import_openvino
+from lcmkit.accel.openvino import OpenVINOStandIn, OpenVINOUNet, check_unet, openvino_unet
 from lcmkit.models.unet import UNet2DConditionOutput
 
 logger = logging.getLogger(__name__)
@@ -51,55 +45,77 @@ class OpenVINOUNetPerShape(OpenVINOStandIn):
         cache_dir: str | Path | None = None,
         threads: int | None = None,
         vae_scale_factor: int = 8,
+        batch_size: int = 1,
+        inference: str = "f32",
+        sampled_key: bool = False,
     ) -> None:
         if precision not in DATA_FREE_PRECISIONS:
             raise ValueError(
                 f"precision {precision!r} is not available per shape; allowed: {list(DATA_FREE_PRECISIONS)} "
                 "(int8 activations need calibration data: use lcmkit.accel.openvino_unet(calibration=...))"
             )
-        _import_openvino()  # a missing package fails here, before any image is made
-        _check_unet(unet)
+        import_openvino()  # a missing package fails here, before any image is made
+        check_unet(unet)
         self._eager = unet.eval()
         self.config = unet.config
         self.precision = precision
         self.cache_dir = cache_dir
         self.threads = threads
         self.vae_scale_factor = vae_scale_factor
-        self._compiled: dict[tuple[int, int, int], OpenVINOUNet] = {}
+        self.batch_size = batch_size
+        self.inference = inference
+        self.sampled_key = sampled_key
+        self._compiled: dict[tuple[int, int, int, int], OpenVINOUNet] = {}
 
     @property
     def compiled_shapes(self) -> list[tuple[int, int, int]]:
         """(latent height, latent width, text tokens) of every graph compiled so far."""
-        return sorted(self._compiled)
+        return sorted({key[1:] for key in self._compiled})
 
     def __repr__(self) -> str:
         return f"OpenVINOUNetPerShape(precision={self.precision!r}, compiled={self.compiled_shapes})"
 
+    def prepare(
+        self, latent_height: int, latent_width: int, text_tokens: int, batch: int = 1
+    ) -> OpenVINOUNet:
+        """The compiled graph for calls of this shape (batch rows per compiled call), converting it if new."""
+        key = (batch, latent_height, latent_width, text_tokens)
+        if key not in self._compiled:
+            logger.info(
+                "converting the UNet to OpenVINO (%s) for %dx%d latents, batch %d",
+                self.precision,
+                latent_height,
+                latent_width,
+                batch,
+            )
+            self._compiled[key] = openvino_unet(
+                self._eager,
+                batch_size=batch,
+                height=latent_height * self.vae_scale_factor,
+                width=latent_width * self.vae_scale_factor,
+                precision=self.precision,
+                cache_dir=self.cache_dir,
+                threads=self.threads,
+                text_tokens=text_tokens,
+                vae_scale_factor=self.vae_scale_factor,
+                inference=self.inference,
+                sampled_key=self.sampled_key,
+            )
+        return self._compiled[key]
+
     def forward(
         self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kwargs: Any
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
-        """Run the compiled graph for this call's shape, converting the eager UNet first if it is new."""
+        """Run the compiled graph for this call's shape, converting the eager UNet first if it is new. Calls whose
+        batch is a multiple of `batch_size` run `batch_size` rows per compiled call, others one row at a time."""
         if sample.ndim != 4 or encoder_hidden_states.ndim != 3:
             raise ValueError(
                 f"expected latents (B, C, H, W) and text states (B, T, D), got {tuple(sample.shape)} and "
                 f"{tuple(encoder_hidden_states.shape)}"
             )
-        key = (sample.shape[2], sample.shape[3], encoder_hidden_states.shape[1])
-        if key not in self._compiled:
-            h, w, tokens = key
-            logger.info("converting the UNet to OpenVINO (%s) for %dx%d latents", self.precision, h, w)
-            self._compiled[key] = openvino_unet(
-                self._eager,
-                batch_size=1,
-                height=h * self.vae_scale_factor,
-                width=w * self.vae_scale_factor,
-                precision=self.precision,
-                cache_dir=self.cache_dir,
-                threads=self.threads,
-                text_tokens=tokens,
-                vae_scale_factor=self.vae_scale_factor,
-            )
-        return self._compiled[key].forward(sample, timestep, encoder_hidden_states, **kwargs)
+        batch = self.batch_size if sample.shape[0] % self.batch_size == 0 else 1
+        graph = self.prepare(sample.shape[2], sample.shape[3], encoder_hidden_states.shape[1], batch)
+        return graph.forward(sample, timestep, encoder_hidden_states, **kwargs)
 
 
 def use_openvino_unet(

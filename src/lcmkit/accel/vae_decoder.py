@@ -13,8 +13,9 @@ a small test). Plain decoding, `enable_slicing()` (batch 1) and `enable_tiling()
 size) all work, and a new shape never needs tracing again.
 
 So the eager decoder's weights are not needed after conversion, and `use_openvino_vae_decoder` releases them
-(`vae.decoder` is replaced; nothing else in lcmkit holds the eager decoder): with a cache folder the graph is read
-back from its saved IR, memory-mapped, and holds no torch tensor; without one, the graph's constants are the torch
+(`vae.decoder` is replaced; nothing else in lcmkit holds the eager decoder): with a cache folder each shape's
+static graph is saved as IR beside the free-shape one and compiled from its file (the free-shape IR is read only
+for a new shape), so the stand-in holds no torch tensor; without one, the graph's constants are the torch
 weights themselves (shared, not copied). Each compiled shape holds its own weights in the CPU plugin's layout and
 its activation buffers (about 1.7x the decoder's fp32 weights per shape, measured on a 47 MB decoder at small
 sizes), so a server that sees many sizes pays per size. The rest of the VAE stays eager: `vae.encode`, `post_quant_conv`, `vae.dtype` / `vae.device` (read from
@@ -36,16 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lcmkit.accel.openvino import (
-    DATA_FREE_PRECISIONS,
-    _check_threads,
-    _compile,
-    _GraphSource,
-    _import_nncf,
-    _import_openvino,
-    _load_or_build,
-    _numpy,
-)
+from lcmkit.accel import graphs
 from lcmkit.accel.per_shape import default_cache_dir, use_openvino_unet
 from lcmkit.models.vae import AutoencoderKL
 from lcmkit.nn.sampling import Upsample2D
@@ -53,11 +45,11 @@ from lcmkit.nn.sampling import Upsample2D
 logger = logging.getLogger(__name__)
 
 
-def _decoder_source(vae: AutoencoderKL) -> _GraphSource:
+def decoder_source(vae: AutoencoderKL, *, sampled_key: bool = False) -> graphs.GraphSource:
     """The decoder with batch, height and width free; its sub-pixel switches are part of the graph."""
     c = vae.config.latent_channels
     switches = [(name, m.subpixel) for name, m in vae.decoder.named_modules() if isinstance(m, Upsample2D)]
-    return _GraphSource(
+    return graphs.GraphSource(
         name="vae-decoder",
         module=vae.decoder,
         traced=vae.decoder,
@@ -65,6 +57,7 @@ def _decoder_source(vae: AutoencoderKL) -> _GraphSource:
         example=(torch.zeros(1, c, 8, 8),),
         output="sample",
         description=repr((vae.config, switches)),
+        sampled_key=sampled_key,
     )
 
 
@@ -98,25 +91,35 @@ class OpenVINOVAEDecoder(nn.Module):
         precision: str = "fp32",
         cache_dir: str | Path | None = None,
         threads: int | None = None,
+        inference: str = "f32",
+        sampled_key: bool = False,
     ) -> None:
         super().__init__()
-        if precision not in DATA_FREE_PRECISIONS:
+        if precision not in graphs.DATA_FREE_PRECISIONS:
             raise ValueError(
                 f"precision {precision!r} is not available for the VAE decoder; allowed: "
-                f"{list(DATA_FREE_PRECISIONS)}"
+                f"{list(graphs.DATA_FREE_PRECISIONS)}"
             )
-        ov = _import_openvino()  # a missing package fails here, before any work
+        ov = graphs.import_openvino()  # a missing package fails here, before any work
         if precision != "fp32":
-            _import_nncf()
+            graphs.import_nncf()
         _check_vae(vae)
-        _check_threads(threads)
+        graphs.check_threads(threads)
         self.latent_channels: int = vae.config.latent_channels
         self.precision = precision
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.threads = threads
+        self.inference = inference
         started = time.perf_counter()
-        # detach: read back from the saved IR, so the graph holds no reference to the eager weights
-        self._model = _load_or_build(ov, _decoder_source(vae), precision, None, self.cache_dir, detach=True)
+        source = decoder_source(vae, sampled_key=sampled_key)
+        self._model: Any = None
+        self._ir: Path | None = None
+        if self.cache_dir is not None:
+            # the IR's path: each shape's static graph is saved beside it and compiled from its file (OpenVINO
+            # then finds the compiled blob without reading the graph); the IR itself is read only for a new shape
+            self._ir = Path(graphs.load_or_build(ov, source, precision, None, self.cache_dir, as_path=True))
+        else:  # no file to read back: the graph's constants are the eager weights, kept alive by the graph
+            self._model = graphs.load_or_build(ov, source, precision, None, None)
         logger.info("OpenVINO VAE decoder (%s) ready after %.1f s", precision, time.perf_counter() - started)
         self._requests: dict[tuple[int, int, int, int], Any] = {}
 
@@ -135,17 +138,28 @@ class OpenVINOVAEDecoder(nn.Module):
                 f"the OpenVINO VAE decoder takes latents (batch, {self.latent_channels}, height, width), got "
                 f"{tuple(z.shape)}"
             )
-        key = tuple(z.shape)
-        request = self._requests.get(key) or self._compile_for(key)
-        out = request.infer([_numpy(z)])[0]
+        out = self.prepare(tuple(z.shape)).infer([graphs.to_numpy(z)])[0]
         return torch.from_numpy(np.array(out, copy=True)).to(device=z.device, dtype=z.dtype)
 
+    def prepare(self, shape: tuple[int, int, int, int]) -> Any:
+        """The inference request for latents of `shape` (batch, channels, height, width), compiled if new."""
+        return self._requests.get(shape) or self._compile_for(shape)
+
     def _compile_for(self, shape: tuple[int, int, int, int]) -> Any:
-        ov = _import_openvino()
+        ov = graphs.import_openvino()
         logger.info("compiling the OpenVINO VAE decoder (%s) for latents %s", self.precision, shape)
-        model = self._model.clone()
-        model.reshape({0: ov.PartialShape(list(shape))})
-        request = _compile(ov, model, self.threads, self.cache_dir).create_infer_request()
+        if self._ir is None:
+            model = self._model.clone()
+            model.reshape({0: ov.PartialShape(list(shape))})
+        else:
+            model = self._ir.with_name(f"{self._ir.stem}-{'x'.join(map(str, shape))}.xml")
+            if not model.exists():
+                static = ov.Core().read_model(self._ir)
+                static.reshape({0: ov.PartialShape(list(shape))})
+                ov.save_model(static, model, compress_to_fp16=False)
+            model = str(model)
+        compiled = graphs.compile_graph(ov, model, self.threads, self.cache_dir, inference=self.inference)
+        request = compiled.create_infer_request()
         self._requests[shape] = request
         return request
 
