@@ -153,9 +153,9 @@ def test_cli_and_server_flag_reach_the_pipeline(tmp_path, monkeypatch):
     f, tokens = pipe.vae_scale_factor, pipe.tokenizer.model_max_length
     assert pipe.unet.compiled_shapes == [(SIZE // f, SIZE // f, tokens)]  # compiled for --size at load
 
-    from lcmkit.server.run import _spec_and_limits
+    from lcmkit.server.run import spec_and_limits
 
-    served, _ = _spec_and_limits(None, {"fast": True, "fast_precision": "fp32"})
+    served, _ = spec_and_limits(None, {"fast": True, "fast_precision": "fp32"})
     assert served.fast and served.fast_precision == "fp32"
     args = cli.build_parser().parse_args(["serve", "--fast", "--fast-precision", "fp32"])
     assert cli.model_spec(args) == served
