@@ -80,7 +80,7 @@ def test_valid_neighbours_of_those_combinations():
         dict(conv_prepack="fast"),
         dict(unet_subpixel=True),
         dict(weight_paging="yes"),
-        dict(backend="openvino"),
+        dict(backend="onnx"),
     ],
 )
 def test_unknown_values_raise_naming_the_field(changes):

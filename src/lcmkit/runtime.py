@@ -9,11 +9,11 @@ Some are bitwise the same as the reference arithmetic, the others sum in another
     pipe = LatentConsistencyModelPipeline.from_pretrained(path, fast_paths=FastPaths.default())
     pipe.set_fast_paths(dataclasses.replace(pipe.fast_paths, conv_winograd="off"))
 
-Combinations where one path would silently switch another off raise a `ValueError` naming both. `backend` leaves
-room for other engines: "torch" is the only one today (the OpenVINO mode is `lcmkit.accel`, applied separately). An
-OpenVINO backend would add "openvino" to `BACKENDS`, a `FastPaths.fast()` preset selecting it, and a branch in
-`PipelineComponents.set_fast_paths` handing the UNet and the VAE decoder to `lcmkit.accel`, which sits below the
-pipelines in the layer order for that reason.
+Combinations where one path would silently switch another off raise a `ValueError` naming both. `backend`
+"openvino" (`FastPaths.fast()`, `from_pretrained(..., fast=True)`, `--fast` on the CLI and server) hands the text
+encoder, the UNet and the VAE decoder to `lcmkit.accel.enable_fast`: compiled OpenVINO graphs at the precision the
+CPU's flags pick, cached on disk. It is not exact mode (float32 agrees to rounding; bf16/int8 do not), and the torch
+fields still apply to what stays in torch (the VAE encoder of img2img, a tiny VAE).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ Mode = Literal["auto", "always", "off"]
 MODES: tuple[str, ...] = ("auto", "always", "off")
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
-Backend = Literal["torch"]
-BACKENDS: tuple[str, ...] = ("torch",)
+Backend = Literal["torch", "openvino"]
+BACKENDS: tuple[str, ...] = ("torch", "openvino")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backend": BACKENDS,
@@ -41,6 +41,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class FastPaths:
     """Which fast paths the UNet, the VAE and the pipeline take (see `lcmkit.nn.fast` for each one's arithmetic).
+
+    - `backend`: "torch" (exact mode: our PyTorch models with the paths below) or "openvino" (the fast mode,
+      `lcmkit.accel.enable_fast`; once applied to a pipeline it cannot go back to "torch": load it again).
 
     - `conv_prepack`: 3x3 convolutions on small maps use a weight pre-packed in oneDNN's layout. "auto": only
       memory-mapped weights (whose file pages are released in exchange, so it costs no memory); "always": in-memory
@@ -111,3 +114,22 @@ class FastPaths:
             vae_subpixel="off",
             weight_paging=False,
         )
+
+    @classmethod
+    def fast(cls) -> FastPaths:
+        """The fast mode: OpenVINO runs the text encoder, UNet and VAE decoder (`lcmkit.accel.enable_fast`, precision
+        picked from the CPU's flags); the torch paths stay at their defaults for whatever remains in torch."""
+        return cls(backend="openvino")
+
+    @classmethod
+    def chosen(cls, fast: bool, fast_paths: FastPaths | None) -> FastPaths | None:
+        """What a loader's `fast=` / `fast_paths=` pair asks for: `fast=True` is `FastPaths.fast()`, and refuses
+        a `fast_paths` on the torch backend rather than silently picking one of the two."""
+        if not fast:
+            return fast_paths
+        if fast_paths is not None and fast_paths.backend != "openvino":
+            raise ValueError(
+                f"fast=True asks for the OpenVINO backend but fast_paths has backend={fast_paths.backend!r}; "
+                "pass one of them"
+            )
+        return fast_paths or cls.fast()

@@ -183,3 +183,20 @@ def test_refusals_say_why(monkeypatch):
         SpecError, match=r"--fast needs the openvino package: pip install 'lcmkit\[openvino\]'"
     ):
         check_runtime(ModelSpec(fast=True))
+
+
+def test_fast_paths_fast_and_from_pretrained_fast(tmp_path, monkeypatch):
+    """`from_pretrained(fast=True)` is `FastPaths.fast()`: the OpenVINO stand-ins, and an image close to exact
+    mode; the backend cannot silently go back to torch, and `fast=True` with a torch `fast_paths` is refused."""
+    from lcmkit.runtime import FastPaths
+
+    monkeypatch.setenv("LCMKIT_OPENVINO_CACHE", str(tmp_path))
+    exact = _image(_pipe())
+    pipe = LatentConsistencyModelPipeline.from_pretrained(DEFAULT_MODEL, fast=True)
+    assert pipe.fast_paths == FastPaths.fast() and pipe.fast_mode is not None
+    assert isinstance(pipe.unet, OpenVINOUNetPerShape) and isinstance(pipe.text_encoder, OpenVINOTextEncoder)
+    assert _psnr(_image(pipe), exact) >= MIN_PSNR_DB
+    with pytest.raises(ValueError, match="load the pipeline again"):
+        pipe.set_fast_paths(FastPaths.default())
+    with pytest.raises(ValueError, match="fast=True asks for the OpenVINO backend"):
+        LatentConsistencyModelPipeline.from_pretrained(DEFAULT_MODEL, fast=True, fast_paths=FastPaths.reference())

@@ -32,6 +32,7 @@ from lcmkit.io.weights import WeightsError, check_keys, load_state_dict
 from lcmkit.models.text import load_tokenizer
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.models.vae import AutoencoderKL
+from lcmkit.runtime import FastPaths
 from lcmkit.schedulers import LCMScheduler
 
 logger = logging.getLogger(__name__)
@@ -691,11 +692,11 @@ class FromSingleFileMixin:
 
         `overrides` may hold components that replace the file's (`unet=`, `vae=`, `text_encoder=`, `tokenizer=`,
         `scheduler=`, `feature_extractor=`), `config=` (a local diffusers folder whose configs replace the inferred
-        ones), `requires_safety_checker=`, `dtype=` (a synonym of `torch_dtype`) and `fast_paths=` (as for
+        ones), `requires_safety_checker=`, `dtype=` (a synonym of `torch_dtype`), `fast_paths=` and `fast=` (as for
         `from_pretrained`). Single files carry no safety checker: pass `safety_checker=` with a `feature_extractor=`
         to screen images.
         """
-        fast_paths = overrides.pop("fast_paths", None)
+        fast_paths = FastPaths.chosen(overrides.pop("fast", False), overrides.pop("fast_paths", None))
         dtype = overrides.pop("dtype", None)
         torch_dtype = torch_dtype or dtype
         config = overrides.pop("config", None)
@@ -706,7 +707,7 @@ class FromSingleFileMixin:
         if unknown:
             raise TypeError(
                 f"from_single_file got unexpected arguments {unknown}; allowed: torch_dtype, prediction_type, "
-                f"safety_checker, config, requires_safety_checker, fast_paths, and the components {list(_COMPONENTS)}"
+                f"safety_checker, config, requires_safety_checker, fast_paths, fast, and the components {list(_COMPONENTS)}"
             )
         components = load_single_file_components(
             pretrained_model_link_or_path,

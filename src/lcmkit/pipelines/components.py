@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lcmkit.accel.fast import enable_fast
 from lcmkit.io.paging import release_weight_pages
 from lcmkit.loading.folders import load_components, save_components
 from lcmkit.loading.hub import resolve_pretrained
@@ -63,6 +64,7 @@ class PipelineComponents:
             )
         self._progress_bar_config: dict[str, Any] = {}
         self._fast_paths = FastPaths.default()
+        self.fast_mode = None  # what `lcmkit.accel.enable_fast` installed, once backend "openvino" is set
 
     # ------------------------------------------------------------------------------------------------------------------
     # Components, loading, saving, devices
@@ -89,13 +91,16 @@ class PipelineComponents:
         requires_safety_checker: bool | None = None,
         dtype: torch.dtype | None = None,
         fast_paths: FastPaths | None = None,
+        fast: bool = False,
         **components: Any,
     ) -> PipelineComponents:
         """Load a diffusers-layout folder. Keyword components (`scheduler=...`, `safety_checker=None`) replace the folder's.
 
         `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way). `fast_paths`
-        (`lcmkit.runtime.FastPaths`, default `FastPaths.default()`) picks the fast paths the models take.
+        (`lcmkit.runtime.FastPaths`, default `FastPaths.default()`) picks the fast paths the models take;
+        `fast=True` is `fast_paths=FastPaths.fast()`, the OpenVINO fast mode.
         """
+        fast_paths = FastPaths.chosen(fast, fast_paths)
         torch_dtype = torch_dtype or dtype
         hub_kwargs = {k: components.pop(k) for k in HUB_KWARGS if k in components}
         # components the caller supplies (or disables with None) are not downloaded
@@ -191,16 +196,25 @@ class PipelineComponents:
 
     def set_fast_paths(self, fast_paths: FastPaths) -> None:
         """Apply `fast_paths` to the UNet and the VAE (where they are torch modules: an OpenVINO stand-in is not)
-        and to the pipeline's weight paging. `FastPaths.reference()` gives the reference arithmetic in one call."""
+        and to the pipeline's weight paging. `FastPaths.reference()` gives the reference arithmetic in one call;
+        backend "openvino" (`FastPaths.fast()`) hands the text encoder, UNet and VAE decoder to
+        `lcmkit.accel.enable_fast` (compiled for the model's default size; other sizes compile on first use)."""
         if not isinstance(fast_paths, FastPaths):
             raise TypeError(
                 f"set_fast_paths takes a lcmkit.runtime.FastPaths, got {type(fast_paths).__name__}"
+            )
+        if self._fast_paths.backend == "openvino" and fast_paths.backend != "openvino":
+            raise ValueError(
+                f"backend={fast_paths.backend!r}: this pipeline's models were replaced by OpenVINO graphs "
+                "(backend 'openvino'); load the pipeline again to run it in torch"
             )
         for model in (self.unet, self.vae):
             if hasattr(model, "set_fast_paths"):
                 model.set_fast_paths(fast_paths)
             elif isinstance(model, torch.nn.Module):  # e.g. AutoencoderTiny: its convolutions, if any
                 apply_fast_paths(model, fast_paths, fast_paths.vae_subpixel)
+        if fast_paths.backend == "openvino" and self._fast_paths.backend != "openvino":
+            self.fast_mode = enable_fast(self)
         self._fast_paths = fast_paths
 
     def enable_weight_paging(self) -> None:
