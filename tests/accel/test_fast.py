@@ -199,4 +199,6 @@ def test_fast_paths_fast_and_from_pretrained_fast(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="load the pipeline again"):
         pipe.set_fast_paths(FastPaths.default())
     with pytest.raises(ValueError, match="fast=True asks for the OpenVINO backend"):
-        LatentConsistencyModelPipeline.from_pretrained(DEFAULT_MODEL, fast=True, fast_paths=FastPaths.reference())
+        LatentConsistencyModelPipeline.from_pretrained(
+            DEFAULT_MODEL, fast=True, fast_paths=FastPaths.reference()
+        )
