@@ -1,4 +1,4 @@
-"""Images/s of the server's job queue with request batching off (max_batch=1) and on (max_batch=4).
+"""Images/s of the server's job queue with request batching off (batch_requests=1) and on (batch_requests=4).
 
     PYTHONPATH=src python benchmarks/serve_batching.py [REQUESTS] [SIZE]
 
@@ -25,8 +25,8 @@ def main() -> None:
     pipe = LatentConsistencyModelPipeline.from_pretrained(
         Path(lcmkit.__file__).parent / "assets" / "tiny-lcm"
     )
-    for max_batch in (1, 4, 1, 4):
-        queue = JobQueue(pipe, Settings(max_batch=max_batch, queue_size=count))
+    for merge in (1, 4, 1, 4):
+        queue = JobQueue(pipe, Settings(batch_requests=merge, queue_size=count))
         queue.submit(GenerationRequest("warm up", seed=0, width=size, height=size)).future.result()
         start = time.perf_counter()
         jobs = [
@@ -37,7 +37,7 @@ def main() -> None:
             job.future.result()
         seconds = time.perf_counter() - start
         queue.stop()
-        print(f"{size}x{size} max_batch={max_batch}: {count} requests in {seconds:.2f} s ({count / seconds:.2f} images/s); "
+        print(f"{size}x{size} batch_requests={merge}: {count} requests in {seconds:.2f} s ({count / seconds:.2f} images/s); "
               f"loadavg {open('/proc/loadavg').read().strip()}")  # fmt: skip
 
 

@@ -19,7 +19,8 @@ from server_fakes import tiny_pipe
 from lcmkit.request import GenerationRequest, run_request
 from lcmkit.server.jobs import JobCancelled, JobQueue, Settings
 
-TOLERANCE = 1e-5  # batched matrix products round differently from single ones; measured max below
+TOLERANCE = 1e-5  # batched matrix products round differently from single ones (float output); measured below
+LEVEL = 1 / 255  # the same, in 8-bit images: a pixel may land one level apart
 
 
 class Counting:
@@ -83,7 +84,7 @@ def pixels(image: Any) -> np.ndarray:
     return np.asarray(image, dtype=np.float64) / 255.0
 
 
-SETTINGS = Settings(queue_size=8, max_batch=4)
+SETTINGS = Settings(queue_size=8, max_batch=4, batch_requests=4)
 
 
 def test_compatible_jobs_run_as_one_call_with_their_own_images(pipe: Any) -> None:
@@ -103,7 +104,7 @@ def test_compatible_jobs_run_as_one_call_with_their_own_images(pipe: Any) -> Non
         for g, a in zip(got, alone, strict=True):
             worst = max(worst, float(np.abs(pixels(g.image) - pixels(a.image)).max()))
     print(f"max |batched - alone| over all pixels: {worst:.3g}")
-    assert worst <= TOLERANCE
+    assert worst <= LEVEL + 1e-9
 
 
 def test_batched_call_matches_single_calls_in_floats(pipe: Any) -> None:
@@ -149,9 +150,14 @@ def test_incompatible_jobs_are_not_merged(pipe: Any, other: dict) -> None:
     assert all(isinstance(r, list) for r in results)
 
 
-def test_max_batch_1_turns_batching_off(pipe: Any) -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [Settings(queue_size=8), replace(SETTINGS, batch_requests=1), replace(SETTINGS, max_batch=1)],
+    ids=["default", "batch_requests=1", "max_batch=1"],
+)
+def test_batching_is_off_by_default_and_with_a_limit_of_1(pipe: Any, settings: Settings) -> None:
     counting = Counting(pipe)
-    run_queued(counting, [request("one", 1), request("two", 2)], replace(SETTINGS, max_batch=1))
+    run_queued(counting, [request("one", 1), request("two", 2)], settings)
     assert counting.calls == [["one"], ["two"]]
 
 

@@ -36,7 +36,7 @@ KEEP_FINISHED = 64  # finished jobs remembered for /progress?id_task=...
 
 
 _POSITIVE_INTS = (
-    "max_images max_batch max_steps queue_size max_upload_bytes retry_after_s max_body_bytes max_prompt_chars "
+    "max_images max_batch batch_requests max_steps queue_size max_upload_bytes retry_after_s max_body_bytes max_prompt_chars "
     "max_text_chars max_input_pixels body_timeout_s header_timeout_s keep_alive_s max_connections "
     "max_header_bytes shutdown_timeout_s"
 ).split()
@@ -55,9 +55,11 @@ class Settings:
     max_height: int = 1024
     min_size: int = 64
     max_images: int = 4  # per request: OpenAI `n`, A1111 `batch_size * n_iter`
-    # images per pipeline call; bounds memory (larger requests run as several calls). Queued compatible txt2img
-    # requests (lcmkit.request.batch_key) share one call up to this many images; 1 turns that off.
-    max_batch: int = 4
+    max_batch: int = 4  # images per pipeline call; bounds memory (larger requests run as several calls)
+    # Images per pipeline call that waiting compatible txt2img requests (lcmkit.request.batch_key) share, at most
+    # max_batch. 1 (the default) runs each request alone: a batched image may differ from its single-call image
+    # by a rounding step (batched matrix products), so batching is opt-in and images stay what they were.
+    batch_requests: int = 1
     max_steps: int = 50
     queue_size: int = 4  # jobs waiting behind the running one
     max_upload_bytes: int = 20 * 2**20  # one uploaded image file, after base64 decoding
@@ -275,7 +277,8 @@ class JobQueue:
     finished batches made (AUTOMATIC1111 returns the images done so far), or `JobCancelled` if there are none.
 
     Batching: when the worker takes a text-to-image job that fits in one pipeline call, it also takes the waiting
-    jobs with the same `batch_key` (size, steps, guidance, options) while their images fit in `max_batch`, and
+    jobs with the same `batch_key` (size, steps, guidance, options) while their images fit in `batch_requests`
+    (and `max_batch`), and
     runs them all as one call; each gets its own images. Interrupt and skip act on the whole call; a job stopped
     alone gets `JobCancelled` and the call goes on for the others. If the call fails, each job reruns alone, so
     one bad request fails only itself.
@@ -454,9 +457,13 @@ class JobQueue:
                 self._run(job)
             del job, batch  # the waiting requests hold the images now; nothing here should
 
+    @property
+    def _merge_limit(self) -> int:
+        return min(self.settings.batch_requests, self.settings.max_batch)
+
     def _mergeable(self, job: Job) -> tuple | None:
         """The job's `batch_key` if it runs as a single pipeline call that others can join, else None."""
-        if job.iterations != 1 or job.request.num_images >= self.settings.max_batch:
+        if job.iterations != 1 or job.request.num_images >= self._merge_limit:
             return None
         return batch_key(job.request)
 
@@ -467,7 +474,7 @@ class JobQueue:
             return [first]
         batch, images = [first], first.request.num_images
         for job in list(self._waiting):
-            if images + job.request.num_images > self.settings.max_batch or self._mergeable(job) != key:
+            if images + job.request.num_images > self._merge_limit or self._mergeable(job) != key:
                 continue
             self._waiting.remove(job)
             if not job.future.set_running_or_notify_cancel():  # its waiter went away while it waited
