@@ -194,6 +194,26 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
+def _call_kwargs(runner: Any, req: GenerationRequest, generators: list, callback: Callable | None) -> dict:
+    """The pipeline arguments every image of `req` shares (not the prompt, image or size)."""
+    kwargs: dict[str, Any] = dict(
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        generator=generators,
+        original_inference_steps=req.original_inference_steps,
+        callback_on_step_end=callback,
+        **req.extra,
+    )
+    if req.negative_prompt:
+        if "negative_prompt" not in inspect.signature(runner.__call__).parameters:
+            raise ValueError(
+                "this pipeline takes no negative prompt: LCM distils guidance into the w-embedding (no CFG pass), "
+                "so leave the negative prompt empty"
+            )
+        kwargs["negative_prompt"] = req.negative_prompt
+    return kwargs
+
+
 def run_request(
     pipe: Any,
     req: GenerationRequest,
@@ -205,28 +225,14 @@ def run_request(
 
     seeds = resolve_seeds(req.seed, req.num_images)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    kwargs: dict[str, Any] = dict(
-        num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        num_images_per_prompt=req.num_images,
-        generator=generators,
-        original_inference_steps=req.original_inference_steps,
-        callback_on_step_end=callback_on_step_end,
-        **req.extra,
-    )
     runner = pipe
     if req.is_img2img:
         from lcmkit.pipelines.img2img import LatentConsistencyModelImg2ImgPipeline
 
         runner = LatentConsistencyModelImg2ImgPipeline.from_pipe(pipe)
         runner.set_progress_bar_config(**pipe._progress_bar_config)
-    if req.negative_prompt:
-        if "negative_prompt" not in inspect.signature(runner.__call__).parameters:
-            raise ValueError(
-                "this pipeline takes no negative prompt: LCM distils guidance into the w-embedding (no CFG pass), "
-                "so leave the negative prompt empty"
-            )
-        kwargs["negative_prompt"] = req.negative_prompt
+    kwargs = _call_kwargs(runner, req, generators, callback_on_step_end)
+    kwargs["num_images_per_prompt"] = req.num_images
     if req.is_img2img:
         images = runner(req.prompt, image=req.init_image, strength=req.strength, **kwargs).images
     else:
@@ -235,3 +241,60 @@ def run_request(
         GeneratedImage(im, s, infotext(req, s, im.width, im.height, model_name))
         for im, s in zip(images, seeds, strict=True)
     ]
+
+
+def batch_key(req: GenerationRequest) -> tuple | None:
+    """What text-to-image requests must share to run as one pipeline call (`run_batch`): everything but the
+    prompt, negative prompt text, seed and image count. None for img2img, which is never batched. Whether a
+    negative prompt is given is part of the key: the pipeline encodes "no negative prompt" differently from
+    an empty one, so requests with and without one are not mixed."""
+    if req.is_img2img:
+        return None
+    return (
+        req.width,
+        req.height,
+        req.steps,
+        req.guidance_scale,
+        req.original_inference_steps,
+        bool(req.negative_prompt),
+        req.extra,
+    )
+
+
+def run_batch(
+    pipe: Any,
+    reqs: list[GenerationRequest],
+    model_name: str | None = None,
+    callback_on_step_end: Callable | None = None,
+) -> list[list[GeneratedImage]]:
+    """Run text-to-image requests with one `batch_key` as ONE pipeline call (one UNet batch); the images of each.
+
+    Every image gets its own generator seeded from its request's seeds, so its starting noise is the one it has
+    when its request runs alone (`run_request`); only the batched matrix products round differently.
+    """
+    import torch
+
+    key = batch_key(reqs[0])
+    if key is None or any(batch_key(r) != key for r in reqs):
+        raise ValueError(
+            "run_batch takes text-to-image requests that differ only in prompts, seeds and counts"
+        )
+    seeds = [resolve_seeds(r.seed, r.num_images) for r in reqs]
+    generators = [torch.Generator().manual_seed(s) for group in seeds for s in group]
+    first = reqs[0]
+    kwargs = _call_kwargs(pipe, first, generators, callback_on_step_end)
+    if first.negative_prompt:
+        kwargs["negative_prompt"] = [r.negative_prompt for r in reqs for _ in range(r.num_images)]
+    prompts = [r.prompt for r in reqs for _ in range(r.num_images)]
+    images = pipe(prompts, width=first.width, height=first.height, num_images_per_prompt=1, **kwargs).images
+    results, start = [], 0
+    for r, group in zip(reqs, seeds, strict=True):
+        mine = images[start : start + len(group)]
+        start += len(group)
+        results.append(
+            [
+                GeneratedImage(im, s, infotext(r, s, im.width, im.height, model_name))
+                for im, s in zip(mine, group, strict=True)
+            ]
+        )
+    return results

@@ -20,7 +20,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lcmkit.request import MAX_SEED, GeneratedImage, GenerationRequest, resolve_seeds, run_request
+from lcmkit.request import (
+    MAX_SEED,
+    GeneratedImage,
+    GenerationRequest,
+    batch_key,
+    resolve_seeds,
+    run_batch,
+    run_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +36,7 @@ KEEP_FINISHED = 64  # finished jobs remembered for /progress?id_task=...
 
 
 _POSITIVE_INTS = (
-    "max_images max_batch max_steps queue_size max_upload_bytes retry_after_s max_body_bytes max_prompt_chars "
+    "max_images max_batch batch_requests max_steps queue_size max_upload_bytes retry_after_s max_body_bytes max_prompt_chars "
     "max_text_chars max_input_pixels body_timeout_s header_timeout_s keep_alive_s max_connections "
     "max_header_bytes shutdown_timeout_s"
 ).split()
@@ -47,7 +55,11 @@ class Settings:
     max_height: int = 1024
     min_size: int = 64
     max_images: int = 4  # per request: OpenAI `n`, A1111 `batch_size * n_iter`
-    max_batch: int = 4  # images per pipeline call; bounds memory (larger batches run as several calls)
+    max_batch: int = 4  # images per pipeline call; bounds memory (larger requests run as several calls)
+    # Images per pipeline call that waiting compatible txt2img requests (lcmkit.request.batch_key) share, at most
+    # max_batch. 1 (the default) runs each request alone: a batched image may differ from its single-call image
+    # by a rounding step (batched matrix products), so batching is opt-in and images stay what they were.
+    batch_requests: int = 1
     max_steps: int = 50
     queue_size: int = 4  # jobs waiting behind the running one
     max_upload_bytes: int = 20 * 2**20  # one uploaded image file, after base64 decoding
@@ -263,6 +275,13 @@ class JobQueue:
     running one stops at its next step, because the step callback checks its flags and raises a private exception
     that the worker catches, so the worker goes on to the next job. A stopped job answers with the images its
     finished batches made (AUTOMATIC1111 returns the images done so far), or `JobCancelled` if there are none.
+
+    Batching: when the worker takes a text-to-image job that fits in one pipeline call, it also takes the waiting
+    jobs with the same `batch_key` (size, steps, guidance, options) while their images fit in `batch_requests`
+    (and `max_batch`), and
+    runs them all as one call; each gets its own images. Interrupt and skip act on the whole call; a job stopped
+    alone gets `JobCancelled` and the call goes on for the others. If the call fails, each job reruns alone, so
+    one bad request fails only itself.
     """
 
     def __init__(self, pipe: Any, settings: Settings) -> None:
@@ -271,7 +290,8 @@ class JobQueue:
         self.pipe = None if self._factory else _quiet(pipe)
         self.load_error: BaseException | None = None
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: Job | None = None  # the first job of the running call
+        self._batch: list[Job] = []  # all jobs of the running call
         self._closing = False
         self._statuses: OrderedDict[str, JobStatus] = OrderedDict()
         self._lock = threading.Lock()
@@ -370,7 +390,7 @@ class JobQueue:
                     return "finished" if job in self._statuses else "unknown"
             outcome, removed = "finished", []
             for j in matches:
-                if j is self._running:
+                if any(j is b for b in self._batch):
                     j.status.interrupted, outcome = True, "running"
                 elif j in self._waiting:
                     self._waiting.remove(j)
@@ -385,7 +405,8 @@ class JobQueue:
         with self._lock:
             if self._running is None:
                 return None
-            self._running.status.interrupted = True
+            for job in self._batch:
+                job.status.interrupted = True
             return self._running.id
 
     def skip(self) -> str | None:
@@ -394,7 +415,8 @@ class JobQueue:
         with self._lock:
             if self._running is None:
                 return None
-            self._running.status.skipped = True
+            for job in self._batch:
+                job.status.skipped = True
             return self._running.id
 
     def _finish_unstarted(self, job: Job, error: Exception) -> None:
@@ -427,9 +449,99 @@ class JobQueue:
                 if not job.future.set_running_or_notify_cancel():  # its waiter went away while it waited
                     job.status.finished_at = time.time()
                     continue
-                self._running = job
-            self._run(job)
-            del job  # the waiting request holds the images now; nothing here should
+                batch = self._take_compatible(job)
+                self._running, self._batch = job, batch
+            if len(batch) > 1:
+                self._run_batch(batch)
+            else:
+                self._run(job)
+            del job, batch  # the waiting requests hold the images now; nothing here should
+
+    @property
+    def _merge_limit(self) -> int:
+        return min(self.settings.batch_requests, self.settings.max_batch)
+
+    def _mergeable(self, job: Job) -> tuple | None:
+        """The job's `batch_key` if it runs as a single pipeline call that others can join, else None."""
+        if job.iterations != 1 or job.request.num_images >= self._merge_limit:
+            return None
+        return batch_key(job.request)
+
+    def _take_compatible(self, first: Job) -> list[Job]:
+        """`first` and the waiting jobs that can share its pipeline call, taken out of the queue (lock held)."""
+        key = self._mergeable(first)
+        if key is None:
+            return [first]
+        batch, images = [first], first.request.num_images
+        for job in list(self._waiting):
+            if images + job.request.num_images > self._merge_limit or self._mergeable(job) != key:
+                continue
+            self._waiting.remove(job)
+            if not job.future.set_running_or_notify_cancel():  # its waiter went away while it waited
+                job.status.finished_at = time.time()
+                continue
+            batch.append(job)
+            images += job.request.num_images
+        return batch
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Run compatible one-call jobs as one pipeline call; if it fails, run each alone."""
+        started = time.time()
+        for job in jobs:
+            job.status.started_at = started
+        try:
+            if self.load_error is not None:
+                raise RuntimeError(f"the model failed to load: {self.load_error}")
+            results = self._generate_batch(jobs)
+        except Exception as e:
+            logger.info("batch of %d jobs failed (%s); running them one by one", len(jobs), e)
+            with self._lock:
+                self._running, self._batch = None, []
+            for job in jobs:
+                with self._lock:
+                    self._running, self._batch = job, [job]
+                self._run(job)
+            return
+        finished = time.time()
+        if not any(job.status.interrupted for job in jobs):
+            self._durations = (self._durations + [finished - started])[-8:]
+        with self._lock:
+            for job in jobs:
+                job.status.finished_at = finished
+            self._running, self._batch = None, []
+        for job, images in zip(jobs, results, strict=True):
+            status = job.status
+            if status.interrupted or status.skipped or images is None:
+                how = "interrupted" if status.interrupted else "skipped"
+                job.future.set_exception(
+                    JobCancelled(f"job {job.id!r} was {how} before any image was finished")
+                )
+            else:
+                job.future.set_result(images)
+
+    def _generate_batch(self, jobs: list[Job]) -> list[list[GeneratedImage] | None]:
+        """The images of each job, or None for all when every job was stopped during the call."""
+
+        def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+            if all(job.status.interrupted or job.status.skipped for job in jobs):
+                raise _Stop
+            for job in jobs:
+                job.status.total_steps = getattr(pipe, "num_timesteps", 0) or job.request.steps
+                job.status.step = i + 1
+            return kwargs
+
+        for job in jobs:
+            job.status.skipped = False
+        try:
+            return run_batch(
+                self.pipe,
+                [job.request for job in jobs],
+                self.settings.model_name,
+                callback_on_step_end=on_step,
+            )
+        except _Stop:
+            logger.info("batch of %d jobs stopped", len(jobs))
+            return [None] * len(jobs)
 
     def _run(self, job: Job) -> None:
         status = job.status
@@ -445,7 +557,7 @@ class JobQueue:
                 self._durations = (self._durations + [time.time() - status.started_at])[-8:]
         with self._lock:
             status.finished_at = time.time()
-            self._running = None
+            self._running, self._batch = None, []
         if isinstance(outcome, Exception):
             job.future.set_exception(outcome)
         else:
