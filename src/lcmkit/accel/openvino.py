@@ -300,6 +300,11 @@ def check_unet(unet: nn.Module) -> None:
         raise ValueError(
             f"OpenVINO conversion needs a float32 UNet, got {dtype}; load it with torch_dtype=torch.float32"
         )
+    if getattr(unet, "image_proj", None) is not None:
+        raise ValueError(
+            "an IP-Adapter is loaded: IP-Adapter needs exact mode (the OpenVINO graphs have no image branch); "
+            "unload_ip_adapter() before the fast mode, or run without --fast / fast=True"
+        )
     if any(getattr(block, "s1", None) for block in getattr(unet, "up_blocks", [])):
         raise ValueError(
             "FreeU is on: call unet.disable_freeu() before converting (its FFT does not convert)"

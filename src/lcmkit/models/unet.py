@@ -17,7 +17,9 @@ from torch import nn
 
 from lcmkit.config import ConfigError, UNetConfig
 from lcmkit.models.base import ModelMixin
+from lcmkit.models.ip_adapter import project_image_embeds
 from lcmkit.nn import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_features
+from lcmkit.nn.attention import ImageContext
 from lcmkit.nn.freeu import apply_freeu
 from lcmkit.nn.lora import scale_lora
 from lcmkit.nn.paths import apply_fast_paths
@@ -220,6 +222,8 @@ class UNet2DConditionModel(ModelMixin):
         self.up_blocks = nn.ModuleList([UpBlock(config, i) for i in range(n_levels)])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, c0, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(c0, config.out_channels, kernel_size=3, padding=1)
+        # an IP-Adapter's image projection (lcmkit.loading.ip_adapter installs it and the attn2 `to_k_ip`/`to_v_ip`)
+        self.image_proj: nn.Module | None = None
         self.fast_paths = FastPaths.default()
         self.set_fast_paths(self.fast_paths)
 
@@ -276,6 +280,25 @@ class UNet2DConditionModel(ModelMixin):
             timestep_cond = timestep_cond.to(t_emb.dtype)
         return self.time_embedding(t_emb, timestep_cond)
 
+    def cross_context(
+        self, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict[str, Any] | None
+    ) -> torch.Tensor | ImageContext:
+        """What the cross-attentions read: the text embeddings, plus the image tokens when an IP-Adapter is loaded."""
+        if self.image_proj is None:
+            return encoder_hidden_states
+        if "image_embeds" not in (added_cond_kwargs or {}):
+            raise ValueError(
+                "an IP-Adapter is loaded: pass added_cond_kwargs={'image_embeds': [...]} (the pipelines do, from "
+                "ip_adapter_image= or ip_adapter_image_embeds=), or unload the adapter"
+            )
+        tokens = project_image_embeds(self.image_proj, added_cond_kwargs["image_embeds"])
+        if tokens.shape[0] != encoder_hidden_states.shape[0]:
+            raise ValueError(
+                f"image_embeds has {tokens.shape[0]} rows but encoder_hidden_states {encoder_hidden_states.shape[0]}: "
+                "give one row of image embeddings per sample in the UNet batch"
+            )
+        return ImageContext(encoder_hidden_states, tokens.to(encoder_hidden_states.dtype))
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -284,13 +307,16 @@ class UNet2DConditionModel(ModelMixin):
         *,
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """Predict the model output for latents `sample` (B, C, H, W) at `timestep`.
 
         `encoder_hidden_states` (B, L, cross_attention_dim) are the text embeddings; `timestep_cond`
         (B, time_cond_proj_dim) is the LCM guidance embedding. Of `cross_attention_kwargs` only `"scale"` is
-        read: it multiplies every LoRA adapter for this call. H and W need not be multiples of 2**(levels-1).
+        read: it multiplies every LoRA adapter for this call. With an IP-Adapter loaded, `added_cond_kwargs`
+        must hold `"image_embeds"` (as diffusers passes them, see `project_image_embeds`). H and W need not be
+        multiples of 2**(levels-1).
         """
         lora_scale = (cross_attention_kwargs or {}).get("scale", 1.0)
         if lora_scale != 1.0:
@@ -300,10 +326,11 @@ class UNet2DConditionModel(ModelMixin):
                     timestep,
                     encoder_hidden_states,
                     timestep_cond=timestep_cond,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=return_dict,
                 )
         temb = self.time_features(sample, timestep, timestep_cond)
-        context = encoder_hidden_states
+        context = self.cross_context(encoder_hidden_states, added_cond_kwargs)
 
         h = self.conv_in(sample)
         skips = [h]

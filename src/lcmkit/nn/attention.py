@@ -1,6 +1,9 @@
-"""Multi-head attention with the diffusers `Attention` key layout (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
+"""Multi-head attention with the diffusers `Attention` key layout (`to_q`, `to_k`, `to_v`, `to_out.0`), and the
+decoupled cross-attention of IP-Adapter (Ye et al. 2023, arXiv:2308.06721): `to_k_ip` / `to_v_ip` on image tokens."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -9,11 +12,24 @@ from torch import nn
 from lcmkit.nn.layout import is_channels_last
 
 
+class ImageContext(NamedTuple):
+    """What a cross-attention attends to when an IP-Adapter is in use: the text embeddings (B, L, C) and the
+    image tokens (B, T, C) that the adapter's image projection made. The UNet builds it from `image_embeds`; it
+    travels through the blocks in place of the text embeddings, and only `Attention` looks inside."""
+
+    text: torch.Tensor
+    image: torch.Tensor
+
+
 class Attention(nn.Module):
     """Scaled dot-product attention over tokens, optionally cross-attending to `context`.
 
     The VAE's spatial self-attention uses `norm_groups` (a GroupNorm on the input, stored as `group_norm`)
     and `residual=True`, and accepts NCHW feature maps; the UNet's transformer blocks pass (B, L, C) tokens.
+
+    IP-Adapter: `to_k_ip` / `to_v_ip` (None until an adapter is loaded, `lcmkit.loading.ip_adapter`) project the
+    image tokens of an `ImageContext`, and the output is `attn(q, k_text, v_text) + ip_scale * attn(q, k_img,
+    v_img)` before `to_out`. With a plain tensor as context, or no adapter, the arithmetic is the plain one.
     """
 
     def __init__(
@@ -41,8 +57,11 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(0.0)])
+        self.to_k_ip: nn.Linear | None = None
+        self.to_v_ip: nn.Linear | None = None
+        self.ip_scale = 1.0
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | ImageContext | None = None) -> torch.Tensor:
         if x.ndim == 4:
             return self._forward_map(x, context)
         residual = x
@@ -51,20 +70,32 @@ class Attention(nn.Module):
         out = self.attend(x, context)
         return out + residual if self.residual else out
 
-    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v over (B, L, C) tokens (`context` for keys and values, else `x`), then `to_out`."""
+    def attend(self, x: torch.Tensor, context: torch.Tensor | ImageContext | None = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over (B, L, C) tokens (`context` for keys and values, else `x`), then `to_out`.
+
+        An `ImageContext` adds `ip_scale` times the attention of the same queries to the image tokens (through
+        `to_k_ip` / `to_v_ip`) where this layer has them and the scale is not 0; otherwise only its text is read.
+        """
+        image = None
+        if isinstance(context, ImageContext):
+            context, image = context
         context = x if context is None else context
         q, k, v = (
             self._heads(proj(t)) for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = self._sdpa(q, k, v)
+        if image is not None and self.to_k_ip is not None and self.ip_scale != 0:
+            k_img, v_img = self._heads(self.to_k_ip(image)), self._heads(self.to_v_ip(image))
+            out = out + self.ip_scale * self._sdpa(q, k_img, v_img)
         out = out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * self.dim_head)
         return self.to_out[0](out)
 
-    def _forward_map(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def _forward_map(self, x: torch.Tensor, context: torch.Tensor | ImageContext | None) -> torch.Tensor:
         """A (B, C, H, W) feature map as H*W tokens, returned as a map in the layout it came in."""
         shape = x.shape
         if is_channels_last(

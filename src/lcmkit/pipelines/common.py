@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lcmkit.io.images import OUTPUT_TYPES  # noqa: F401  (re-exported: its home was this module)
+from lcmkit.loading.ip_adapter import IPAdapterMixin
 from lcmkit.loading.lora import LoraLoaderMixin, scale_lora
 from lcmkit.loading.single_file import FromSingleFileMixin
 from lcmkit.loading.textual_inversion import TextualInversionLoaderMixin
@@ -38,7 +39,9 @@ from lcmkit.schedulers.sampling import sample_lcm
 logger = logging.getLogger(__name__)
 
 
-class LCMPipelineBase(PipelineComponents, LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
+class LCMPipelineBase(
+    PipelineComponents, LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFileMixin, IPAdapterMixin
+):
     """Everything both LCM pipelines do the same way: prompt encoding, guidance, the sampler, the decode."""
 
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
@@ -213,6 +216,8 @@ class LCMPipelineBase(PipelineComponents, LoraLoaderMixin, TextualInversionLoade
         legacy_callback_steps: int,
         start_latents: Callable[[torch.Tensor, int, torch.dtype, torch.device], torch.Tensor],
         check_more: Callable[[], None] | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """One call of either pipeline; `start_latents(schedule, batch, dtype, device)` makes its x_t at the
         first timestep (noise, or the noised image), and `check_more()` checks its own inputs."""
@@ -229,6 +234,7 @@ class LCMPipelineBase(PipelineComponents, LoraLoaderMixin, TextualInversionLoade
         )
         if check_more is not None:
             check_more()
+        self._check_ip_inputs(ip_adapter_image, ip_adapter_image_embeds)
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
@@ -247,6 +253,10 @@ class LCMPipelineBase(PipelineComponents, LoraLoaderMixin, TextualInversionLoade
             clip_skip,
             device,
         )
+        if self.ip_adapter_loaded:  # the image prompt, unconditional rows first under guidance
+            cond.image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, batch, cond.negative_embeds is not None
+            )
         dtype = cond.prompt_embeds.dtype
         # 3. timesteps (img2img: shortened by strength inside the scheduler)
         schedule = self._set_timesteps(
@@ -311,6 +321,7 @@ class LCMPipelineBase(PipelineComponents, LoraLoaderMixin, TextualInversionLoade
                 state["w_embedding"],
                 cond.cfg_scale,
                 self._cross_attention_kwargs,
+                cond.image_embeds,
             )
 
         with self.progress_bar(total=len(timesteps)) as bar:
@@ -339,6 +350,23 @@ class LCMPipelineBase(PipelineComponents, LoraLoaderMixin, TextualInversionLoade
         # LCM decodes its last consistency estimate; other samplers (DDIM, Euler) their last sample, as diffusers.
         final = denoised if isinstance(self.scheduler, LCMScheduler) else state["latents"]
         return final.to(state["prompt_embeds"].dtype)
+
+    def _check_ip_inputs(self, image: Any, embeds: list[torch.Tensor] | None) -> None:
+        """An image prompt needs a loaded IP-Adapter, and a loaded one needs an image prompt (one of the two)."""
+        given = image is not None or embeds is not None
+        if given:
+            self._check_exact_mode("use ip_adapter_image")
+        if image is not None and embeds is not None:
+            raise ValueError("pass either ip_adapter_image or ip_adapter_image_embeds, not both")
+        if given and not self.ip_adapter_loaded:
+            raise ValueError(
+                "ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter: call load_ip_adapter first"
+            )
+        if self.ip_adapter_loaded and not given:
+            raise ValueError(
+                "an IP-Adapter is loaded: pass ip_adapter_image= (or ip_adapter_image_embeds=), or call "
+                "unload_ip_adapter() (set_ip_adapter_scale(0) keeps it but turns it off)"
+            )
 
     def _use_preset(
         self, preset: str | None, steps: int, timesteps: list[int] | None, guidance_scale: float

@@ -71,6 +71,8 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         preset: str | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
         legacy_callback, legacy_steps = pop_legacy_callback(kwargs)
@@ -111,4 +113,6 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
             legacy_callback_steps=legacy_steps,
             strength=1.0,
             start_latents=start_latents,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
         )
