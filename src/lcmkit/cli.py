@@ -142,6 +142,23 @@ def parse_lora(text: str) -> tuple[str, float]:
     return path, weight
 
 
+def parse_ip_adapter(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]`: an IP-Adapter file (its `image_encoder/` folder beside it) or a folder holding
+    ip-adapter_sd15.safetensors and image_encoder/; a tail that looks like a path stays part of the path."""
+    path, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or "\\" in tail:
+        path, scale = text, 1.0
+    else:
+        scale = parse_float(tail, f"the scale in --ip-adapter {text!r} (PATH[:SCALE])")
+    if not path:
+        raise ValueError(
+            f"--ip-adapter needs a file or folder before the scale, as PATH[:SCALE], got {text!r}"
+        )
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"--ip-adapter {path}: no such file or folder")
+    return path, scale
+
+
 def parse_limit(text: str) -> tuple[str, int]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
@@ -230,10 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch: when a line fails, go on with the others and list the failures at the end (exit status 1); "
         "without it the batch stops at the first failure, naming its file:line")  # fmt: skip
 
+    ipa = argparse.ArgumentParser(add_help=False)
+    ipa.add_argument("--ip-adapter", type=_arg(parse_ip_adapter), metavar="PATH[:SCALE]",
+                     help="an IP-Adapter (SD 1.5 layout: ip-adapter_sd15 or ip-adapter-plus_sd15) file, with its "
+                     "image_encoder/ folder beside it, or a folder holding both; scale 1 by default. Needs "
+                     "--ip-image, and exact mode (not --fast / --openvino)")  # fmt: skip
+    ipa.add_argument("--ip-image", type=Path, metavar="IMAGE",
+                     help="the image prompt the --ip-adapter reads (every prompt of a batch uses it)")  # fmt: skip
+
     parser = _Parser(prog="lcmkit", description="Latent Consistency Model image generation in a few steps",
                      formatter_class=_HelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = [common, model, where, pipe, gen, batch]
+    run = [common, model, where, pipe, gen, batch, ipa]
     p = sub.add_parser("generate", parents=run, formatter_class=_HelpFormatter, help="text to image")
     p.add_argument("prompt", nargs="?", help="the prompt (leave out with --prompts)")
     p = sub.add_parser("img2img", parents=run, formatter_class=_HelpFormatter, help="image to image")
@@ -389,6 +414,24 @@ def collect_items(args: argparse.Namespace) -> list[Item]:
         raise CliError(str(e)) from None
 
 
+def with_ip_image(items: list[Item], args: argparse.Namespace) -> list[Item]:
+    """--ip-image read now (before the model loads) and given to every request; it needs --ip-adapter and the
+    adapter needs it."""
+    if args.ip_image is None:
+        if args.ip_adapter is not None:
+            raise CliError("--ip-adapter needs --ip-image IMAGE (the image prompt)")
+        return items
+    if args.ip_adapter is None:
+        raise CliError("--ip-image needs --ip-adapter PATH (the adapter that reads it)")
+    if not args.ip_image.is_file():
+        raise CliError(f"--ip-image {args.ip_image}: no such file")
+    image = load_image(args.ip_image, (None, None))
+    return [
+        replace(item, request=replace(item.request, extra={**item.request.extra, "ip_adapter_image": image}))
+        for item in items
+    ]
+
+
 def check_out(text: str) -> Path:
     """--out as a folder that can be written, checked before any model loads. Nothing is created here: a folder
     that does not exist yet is made when the first image is saved."""
@@ -434,6 +477,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         loras=tuple(args.lora),
         tiny_vae=args.tiny_vae,
         freeu=args.freeu,
+        ip_adapter=getattr(args, "ip_adapter", None),
         vae_tiling=args.vae_tiling,
         openvino=args.openvino,
         fast=args.fast,
@@ -532,7 +576,7 @@ def run_items(
 def cmd_generate(args: argparse.Namespace) -> int:
     # every input mistake before the model loads: they cost nothing then
     out = check_out(args.out)
-    items = collect_items(args)
+    items = with_ip_image(collect_items(args), args)
     spec = model_spec(args)
     pipe, name = load(spec, args)
     run_items(pipe, name, items, args, out)

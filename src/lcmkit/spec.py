@@ -60,6 +60,9 @@ class ModelSpec:
     loras: (source, weight) pairs, each source a LoRA file, folder or hub id; all active at their weights.
     tiny_vae: an AutoencoderTiny (TAESD layout) folder to encode and decode with instead of the full VAE.
     freeu: FreeU's (s1, s2, b1, b2), or None for off.
+    ip_adapter: (source, scale) of an IP-Adapter (a file with `image_encoder/` beside it, or a folder holding
+        ip-adapter_sd15.safetensors and `image_encoder/`), or None. Exact mode only (not with `fast`/`openvino`);
+        each call then needs `ip_adapter_image=`.
     vae_tiling: decode in tiles (large images, less memory).
     openvino: "fp32" or "int8-weights" to run the UNet and the VAE decoder with OpenVINO on the CPU, or None.
         Superseded by `fast`, kept for scripts that name a precision and want the exact cache key.
@@ -77,6 +80,7 @@ class ModelSpec:
     loras: tuple[tuple[str, float], ...] = ()
     tiny_vae: str | None = None
     freeu: tuple[float, float, float, float] | None = None
+    ip_adapter: tuple[str, float] | None = None
     vae_tiling: bool = False
     openvino: str | None = None
     fast: bool = False
@@ -101,6 +105,7 @@ class ModelSpec:
             set_(self, "freeu", tuple(_finite(v, "a --freeu value") for v in self.freeu))
         self._check_model()
         self._check_switches()
+        self._check_ip_adapter()
 
     # Checks (no torch) -------------------------------------------------------------------------------------
 
@@ -181,6 +186,25 @@ class ModelSpec:
             if self.dtype not in ("auto", "float32"):
                 raise SpecError(f"--openvino runs float32; drop --dtype {self.dtype} or --openvino")
 
+    def _check_ip_adapter(self) -> None:
+        if self.ip_adapter is None:
+            return
+        if not isinstance(self.ip_adapter, list | tuple) or len(self.ip_adapter) != 2:
+            raise SpecError(f"--ip-adapter takes PATH[:SCALE]; got {self.ip_adapter!r}")
+        source, scale = self.ip_adapter
+        source = os.fspath(source) if isinstance(source, os.PathLike) else source
+        if not isinstance(source, str) or not Path(source).expanduser().exists():
+            raise SpecError(f"--ip-adapter {source}: no such file or folder")
+        object.__setattr__(
+            self, "ip_adapter", (source, _finite(scale, f"the scale of --ip-adapter {source}"))
+        )
+        for flag, on in (("--fast", self.fast), ("--openvino", self.openvino)):
+            if on:
+                raise SpecError(
+                    f"--ip-adapter cannot be combined with {flag}: IP-Adapter needs exact mode (the OpenVINO "
+                    "graphs have no image branch); drop one"
+                )
+
     def _check_fast(self) -> None:
         if not isinstance(self.fast, bool):
             raise SpecError(f"--fast is on or off (True/False), got {self.fast!r}")
@@ -235,6 +259,8 @@ class ModelSpec:
     def describe(self) -> str:
         """One line for logs: the model and the switches that are on."""
         parts = [self.model_name, *(f"lora {s}:{w:g}" for s, w in self.loras)]
+        if self.ip_adapter:
+            parts.append(f"ip-adapter {self.ip_adapter[0]}:{self.ip_adapter[1]:g}")
         switches = {"tiny vae": self.tiny_vae, "freeu": self.freeu, "openvino": self.openvino,
                     "fast": self.fast and self.fast_precision,
                     "device": self.device, "vae tiling": self.vae_tiling or None}  # fmt: skip
@@ -343,6 +369,9 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
         for adapter, (lora, _) in zip(adapters, spec.loras, strict=True):
             pipe.load_lora_weights(lora, adapter_name=adapter)
         pipe.set_adapters(adapters, [weight for _, weight in spec.loras])
+    if spec.ip_adapter:
+        pipe.load_ip_adapter(spec.ip_adapter[0])
+        pipe.set_ip_adapter_scale(spec.ip_adapter[1])
     if device.type != "cpu":
         pipe.to(device)
     if spec.vae_tiling:

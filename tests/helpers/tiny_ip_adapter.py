@@ -115,3 +115,16 @@ def save_ip_folder(folder: Path, kind: str = "plain", name: str = "ip-adapter_sd
     save_image_encoder(folder / "image_encoder")
     save_ip_adapter(folder / name, ip_state_dict(kind))
     return folder
+
+
+def ip_state_dict_for(unet, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """A plain adapter for any lcmkit UNet (its cross-attentions found by `lcmkit.loading.ip_adapter`)."""
+    from lcmkit.loading.ip_adapter import cross_attentions
+
+    gen = torch.Generator().manual_seed(seed)
+    cross_dim = unet.config.cross_attention_dim
+    channels = [attn.heads * attn.dim_head for _, attn in cross_attentions(unet)]
+    return {
+        "image_proj": plain_image_proj(gen, cross_dim=cross_dim),
+        "ip_adapter": attention_weights(gen, channels=channels, cross_dim=cross_dim),
+    }
