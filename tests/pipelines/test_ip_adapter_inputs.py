@@ -92,3 +92,13 @@ def test_fast_mode_pipeline_refuses_ip_adapter(pipe, ip_folder, tmp_path, monkey
         pipe.load_ip_adapter(ip_folder)
     with pytest.raises(ValueError, match="IP-Adapter needs exact mode"):
         pipe("a cat", ip_adapter_image=picture(), **CALL)
+
+
+def test_save_pretrained_refuses_while_an_adapter_is_loaded(pipe, ip_folder, tmp_path):
+    pipe.load_ip_adapter(ip_folder)
+    with pytest.raises(ValueError, match="unload_ip_adapter"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    pipe.unload_ip_adapter()
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model_index.json").is_file()

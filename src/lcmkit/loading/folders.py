@@ -50,7 +50,7 @@ LOADABLE: dict[str, tuple[str, ...] | None] = {
     "scheduler": None,  # any diffusers scheduler config: an LCMScheduler is built from its betas
     "safety_checker": ("StableDiffusionSafetyChecker",),
     "feature_extractor": ("CLIPImageProcessor*", "CLIPFeatureExtractor*"),
-    "image_encoder": None,  # ignored until IP-Adapter is supported
+    "image_encoder": None,  # not read from pipeline folders: load_ip_adapter loads its own
 }
 
 
@@ -217,7 +217,9 @@ def load_components(
             components[name] = None
             continue
         if name == "image_encoder":
-            logger.warning("ignoring the folder's image_encoder: IP-Adapter is not supported by lcmkit yet")
+            logger.warning(
+                "ignoring the folder's image_encoder: load_ip_adapter loads the adapter's own encoder"
+            )
             components[name] = None
             continue
         components[name] = _load_one(name, cls_name, path / name, torch_dtype, variant)

@@ -34,7 +34,7 @@ COMPONENT_FILE_PATTERNS = (
     "*.txt",
 )  # configs, tokenizer vocab/merges, scheduler and processor configs
 # model_index.json may list components lcmkit does not load (folders.load_components ignores the image encoder
-# until IP-Adapter is supported): their configs are fetched, their weights are not.
+# (load_ip_adapter loads the adapter's own)): their configs are fetched, their weights are not.
 UNUSED_COMPONENTS = ("image_encoder",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")

@@ -128,6 +128,9 @@ class PipelineComponents:
         """Write a diffusers-layout folder (safetensors weights) that diffusers and lcmkit both load."""
         if not safe_serialization:
             raise ValueError("lcmkit writes safetensors only; pickled .bin weights are not written")
+        if getattr(self.unet, "image_proj", None) is not None:
+            raise ValueError("an IP-Adapter is loaded: unload_ip_adapter() before save_pretrained (a diffusers UNet "
+                             "folder has no place for its weights)")  # fmt: skip
         save_components(
             self.components,
             save_directory,
