@@ -125,3 +125,29 @@ def test_state_dict_source(pipe):
     pipe.load_ip_adapter(flat, image_encoder_folder=None)  # the flattened (safetensors) layout too
     assert pipe.ip_adapter_loaded
     pipe.unload_ip_adapter()
+
+
+def test_hub_id_fetches_the_file_and_the_encoder(pipe, tmp_path, monkeypatch):
+    """A hub id goes through lcmkit's hub loader (stubbed here: no network in tests) for the adapter file in
+    `subfolder`, and for the encoder's config and weights in `subfolder/image_encoder`, as h94/IP-Adapter lays out."""
+    import lcmkit.loading.ip_adapter as ip_module
+
+    repo = tmp_path / "snapshot"
+    save_image_encoder(repo / "models" / "image_encoder")
+    save_ip_adapter(repo / "models" / "ip-adapter_sd15.safetensors", ip_state_dict("plain"))
+    asked = []
+
+    def fake_hub_file(repo_id, filename, subfolder=None, **kwargs):
+        asked.append((repo_id, subfolder, filename))
+        path = repo / (subfolder or "") / filename
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        return path
+
+    monkeypatch.setattr(ip_module, "hub_file", fake_hub_file)
+    pipe.load_ip_adapter("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.safetensors")
+    assert asked[0] == ("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors")
+    assert ("h94/IP-Adapter", "models/image_encoder", "config.json") in asked
+    assert ("h94/IP-Adapter", "models/image_encoder", "model.safetensors") in asked
+    assert pipe.ip_adapter_loaded and pipe.image_encoder is not None
+    pipe.unload_ip_adapter()
