@@ -82,7 +82,9 @@ def test_img2img_without_image(i2i):
 
 
 def test_unexpected_keyword(t2i):
-    with pytest.raises(TypeError, match="ip_adapter_image"):
+    with pytest.raises(TypeError, match="denoising_end"):
+        t2i("x", denoising_end=0.8)
+    with pytest.raises(ValueError, match="need an IP-Adapter"):  # a known argument, without its adapter
         t2i("x", ip_adapter_image="face.png")
 
 
