@@ -118,8 +118,15 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         preset: str | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
+        """Image to image. With a ControlNet set, `control_image` holds its image(s), one per net, resized to the
+        input image's size (see `lcmkit.pipelines.control`)."""
         legacy_callback, legacy_steps = pop_legacy_callback(kwargs)
         num_inference_steps, timesteps, guidance_scale = self._use_preset(
             preset, num_inference_steps, timesteps, guidance_scale
@@ -167,6 +174,13 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
             strength=strength,
             start_latents=start_latents,
             check_more=check_image,
+            control=dict(
+                control_image=control_image,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start,
+                control_guidance_end=control_guidance_end,
+                guess_mode=guess_mode,
+            ),
         )
 
     def get_timesteps(
