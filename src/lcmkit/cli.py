@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -142,6 +143,61 @@ def parse_lora(text: str) -> tuple[str, float]:
     return path, weight
 
 
+CONTROL_SETTINGS = ("scale", "start", "end")
+
+
+@dataclass(frozen=True)
+class ControlOption:
+    """One `--control KIND=IMAGE[,scale=S][,start=A][,end=B]`: a ControlNet of that kind steered by IMAGE."""
+
+    kind: str
+    image: Path
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+def parse_control(text: str) -> ControlOption:
+    """`KIND=IMAGE` with optional `,scale=S`, `,start=A`, `,end=B` after the image (fractions of the steps)."""
+    from lcmkit.control import CONTROL_MODELS
+
+    kind, eq, rest = text.partition("=")
+    if not eq or not kind or not rest:
+        raise ValueError(f"--control takes KIND=IMAGE[,scale=S][,start=A][,end=B], got {text!r}")
+    if kind not in CONTROL_MODELS:
+        raise ValueError(
+            f"--control {text}: unknown kind {kind!r}; known: {', '.join(sorted(CONTROL_MODELS))}"
+        )
+    pieces = rest.split(",")
+    settings: dict[str, float] = {}
+    while len(pieces) > 1 and re.fullmatch(r"(scale|start|end)=.*", pieces[-1]):
+        key, _, value = pieces.pop().partition("=")
+        settings[key] = _control_number(value, f"--control {kind}: {key}", key != "scale")
+    option = ControlOption(kind, Path(",".join(pieces)).expanduser(), **settings)
+    if not option.start < option.end:
+        raise ValueError(f"--control {text}: start ({option.start:g}) must be below end ({option.end:g})")
+    return option
+
+
+def _control_number(text: str, what: str, fraction: bool) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or (fraction and not 0.0 <= x <= 1.0):
+        allowed = "a fraction of the steps in [0, 1]" if fraction else "a finite number"
+        raise ValueError(f"{what} must be {allowed}, got {text!r}")
+    return x
+
+
+def parse_controlnet(text: str) -> tuple[str, str]:
+    """`KIND=PATH_OR_HUB_ID`: the ControlNet model to use for that kind."""
+    kind, eq, source = text.partition("=")
+    if not eq or not kind or not source:
+        raise ValueError(f"--controlnet takes KIND=PATH_OR_HUB_ID, got {text!r}")
+    return kind, source
+
+
 def parse_limit(text: str) -> tuple[str, int]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
@@ -218,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--quiet", action="store_true",
         help="no progress bars, notes or warnings on stderr (errors still print); stdout still lists the images")  # fmt: skip
+    control = argparse.ArgumentParser(add_help=False)
+    control.add_argument("--control", action="append", default=[], type=_arg(parse_control),
+        metavar="KIND=IMAGE[,scale=S][,start=A][,end=B]",
+        help="steer with a ControlNet of KIND (canny: edges computed from IMAGE; depth, pose, normal, lineart, "
+        "scribble, seg, ...: IMAGE used as it is), at weight S (1) from fraction A (0) to B (1) of the steps; "
+        "repeatable, one ControlNet each; exact mode only")  # fmt: skip
+    control.add_argument("--controlnet", action="append", default=[], type=_arg(parse_controlnet),
+        metavar="KIND=PATH_OR_ID",
+        help="the ControlNet model for KIND: a diffusers folder, an original .safetensors/.pth file or a hub id "
+        "(default: lllyasviel's control_v11 SD1.5 model of that kind, from the hub)")  # fmt: skip
     batch = argparse.ArgumentParser(add_help=False)
     add = batch.add_argument
     add("--strength", type=_arg(parse_float, "--strength", 0.0, 1.0), default=0.8,
@@ -233,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lcmkit", description="Latent Consistency Model image generation in a few steps",
                      formatter_class=_HelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = [common, model, where, pipe, gen, batch]
+    run = [common, model, where, pipe, gen, control, batch]
     p = sub.add_parser("generate", parents=run, formatter_class=_HelpFormatter, help="text to image")
     p.add_argument("prompt", nargs="?", help="the prompt (leave out with --prompts)")
     p = sub.add_parser("img2img", parents=run, formatter_class=_HelpFormatter, help="image to image")
@@ -321,7 +387,8 @@ def base_request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, negative_prompt=args.negative, steps=steps,
                              guidance_scale=guidance, seed=args.seed, width=width, height=height,
                              num_images=args.n, strength=args.strength,
-                             extra={"preset": args.preset} if args.preset else {})  # fmt: skip
+                             extra={**({"preset": args.preset} if args.preset else {}),
+                                    **getattr(args, "control_kwargs", {})})  # fmt: skip
 
 
 def json_item(line: str, args: argparse.Namespace, image: Path | None, folder: Path) -> Item:
@@ -427,9 +494,43 @@ def load_image(path: Path, size: tuple[int | None, int | None]) -> PIL.Image.Ima
 # Model -----------------------------------------------------------------------------------------------------
 
 
+def control_models(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """(kind, source) of each --control's ControlNet: its --controlnet, else the hub id of `CONTROL_MODELS`."""
+    from lcmkit.control import CONTROL_MODELS
+
+    chosen = dict(getattr(args, "controlnet", []))
+    controls = getattr(args, "control", [])
+    unused = sorted(set(chosen) - {c.kind for c in controls})
+    if unused:
+        raise CliError(f"--controlnet {unused[0]}=...: no --control {unused[0]}=IMAGE uses it")
+    return tuple((c.kind, chosen.get(c.kind, CONTROL_MODELS[c.kind])) for c in controls)
+
+
+def control_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's ControlNet arguments from --control: every image read (canny edges computed) now, before
+    any model loads, so a missing or unreadable image is one error line at once."""
+    controls = getattr(args, "control", [])
+    if not controls:
+        return {}
+    from lcmkit.control import control_image_for
+
+    images = []
+    for c in controls:
+        if not c.image.is_file():
+            raise CliError(f"--control {c.kind}: image not found: {c.image}")
+        images.append(control_image_for(c.kind, load_image(c.image, (None, None))))
+    return dict(
+        control_image=images if len(images) > 1 else images[0],
+        controlnet_conditioning_scale=[c.scale for c in controls],
+        control_guidance_start=[c.start for c in controls],
+        control_guidance_end=[c.end for c in controls],
+    )
+
+
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model options as a `ModelSpec` (the one `lcmkit serve` builds too); mistakes are `SpecError`s."""
     return ModelSpec(
+        controlnets=control_models(args),
         model=args.model,
         loras=tuple(args.lora),
         tiny_vae=args.tiny_vae,
@@ -532,8 +633,9 @@ def run_items(
 def cmd_generate(args: argparse.Namespace) -> int:
     # every input mistake before the model loads: they cost nothing then
     out = check_out(args.out)
-    items = collect_items(args)
     spec = model_spec(args)
+    args.control_kwargs = control_kwargs(args)
+    items = collect_items(args)
     pipe, name = load(spec, args)
     run_items(pipe, name, items, args, out)
     return 0
