@@ -69,7 +69,9 @@ def test_control_image_without_a_controlnet_is_refused(pipe):
 
 def test_component_travels_and_image_forms_agree(pipe):
     assert isinstance(pipe.controlnet, list) and len(pipe.controlnet) == 2
-    assert pipe.components["controlnet"] == pipe.controlnet
+    assert (
+        "controlnet" not in pipe.components
+    )  # the LCM pipelines' diffusers components; from_pipe carries it
     i2i = LatentConsistencyModelImg2ImgPipeline.from_pipe(pipe)
     assert i2i.controlnet == pipe.controlnet
     # the same picture as PIL, as a float array and as a tensor: the same image (no resize at the output size)

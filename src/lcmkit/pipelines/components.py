@@ -105,7 +105,6 @@ class PipelineComponents:
             "safety_checker": self.safety_checker,
             "feature_extractor": self.feature_extractor,
             "image_encoder": self.image_encoder,
-            "controlnet": self.controlnet,
         }
 
     @classmethod
@@ -144,9 +143,9 @@ class PipelineComponents:
 
     @classmethod
     def from_pipe(cls, pipe: PipelineComponents, **overrides: Any) -> PipelineComponents:
-        """Build this pipeline kind from another one's components, without copying weights; the models keep the
-        fast paths they run, and the new pipeline reports the same `fast_paths`."""
-        comps = {**pipe.components, **overrides}
+        """Build this pipeline kind from another one's components (and its ControlNets), without copying weights;
+        the models keep the fast paths they run, and the new pipeline reports the same `fast_paths`."""
+        comps = {**pipe.components, "controlnet": pipe.controlnet, **overrides}
         new = cls(**comps, requires_safety_checker=pipe.requires_safety_checker)
         new._fast_paths = pipe.fast_paths
         return new
