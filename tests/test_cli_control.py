@@ -19,6 +19,7 @@ import torch
 from lcmkit import cli
 from lcmkit.cli import main
 from lcmkit.config import ControlNetConfig, UNetConfig
+from lcmkit.control import control_call_kwargs
 from lcmkit.models.controlnet import ControlNetModel
 
 
@@ -57,12 +58,13 @@ def image_of(stdout: str) -> np.ndarray:
 
 
 BAD = [
-    (["--control", "xray={img}"], "unknown kind 'xray'"),
+    (["--control", "xray={img}"], "unknown control kind 'xray'"),
     (["--control", "depth"], "--control takes KIND=IMAGE"),
     (["--control", "depth={tmp}/missing.png"], "--control depth: image not found"),
-    (["--control", "depth={img},end=1.5"], "end must be a fraction of the steps in [0, 1]"),
-    (["--control", "depth={img},start=0.6,end=0.4"], "start (0.6) must be below end (0.4)"),
-    (["--control", "depth={img},scale=lots"], "scale must be a finite number"),
+    (["--control", "depth={img},end=1.5"], "start=0, end=1.5; need 0 <= start < end <= 1"),
+    (["--control", "depth={img},start=0.6,end=0.4"], "start=0.6, end=0.4"),
+    (["--control", "depth={img},scale=lots"], "scale must be a number, got 'lots'"),
+    (["--control", "depth={img},scale=inf"], "scale must be a finite number"),
     (["--controlnet", "depth={tmp}/nothing-here"], "no --control depth=IMAGE uses it"),
     (["--control", "depth={img}", "--controlnet", "depth={tmp}/nothing-here"], "no such file or folder"),
     (["--control", "depth={img}", "--fast"], "ControlNet needs exact mode"),
@@ -126,9 +128,10 @@ def test_the_spec_loads_the_nets_and_the_request_carries_their_settings(model, c
             f"depth={controlnet}",
         ]  # fmt: skip
     )
+    args.control_units = cli.control_units(args)
     spec = cli.model_spec(args)
     assert spec.controlnets == (("depth", str(controlnet)), ("canny", "lllyasviel/control_v11p_sd15_canny"))
-    kwargs = cli.control_kwargs(args)
+    kwargs = control_call_kwargs(args.control_units)
     assert kwargs["controlnet_conditioning_scale"] == [0.7, 1.0]
     assert kwargs["control_guidance_start"] == [0.25, 0.0] and kwargs["control_guidance_end"] == [1.0, 1.0]
     edges = np.asarray(kwargs["control_image"][1])

@@ -54,3 +54,29 @@ def test_pass_through_kinds_and_the_model_table():
     assert all(v.startswith("lllyasviel/control_v11") and "sd15" in v for v in CONTROL_MODELS.values())
     with pytest.raises(ValueError, match="unknown control kind 'xray'.*canny"):
         control_image_for("xray", image)
+
+
+def test_control_units_build_the_call_arguments():
+    from lcmkit.control import ControlUnit, control_call_kwargs
+
+    picture = square()
+    units = [
+        ControlUnit("canny", picture, scale=0.5, end=0.5),
+        ControlUnit("depth", picture, start=0.25, model="m/d"),
+    ]
+    assert [u.source for u in units] == ["lllyasviel/control_v11p_sd15_canny", "m/d"]
+    kwargs = control_call_kwargs(units)
+    assert kwargs["controlnet_conditioning_scale"] == [0.5, 1.0]
+    assert kwargs["control_guidance_start"] == [0.0, 0.25] and kwargs["control_guidance_end"] == [0.5, 1.0]
+    edges, depth = kwargs["control_image"]
+    assert np.asarray(edges).max() == 255 and not np.asarray(edges)[20:44, 20:44].any()
+    assert np.array_equal(np.asarray(depth), np.asarray(picture))
+    assert control_call_kwargs([]) == {}
+    one = control_call_kwargs(units[:1])
+    assert isinstance(one["control_image"], PIL.Image.Image)
+    for bad, message in (
+        (dict(start=0.5, end=0.5), "need 0 <= start < end <= 1"),
+        (dict(scale=float("nan")), "scale must be a finite number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ControlUnit("depth", picture, **bad)

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -143,51 +142,36 @@ def parse_lora(text: str) -> tuple[str, float]:
     return path, weight
 
 
-CONTROL_SETTINGS = ("scale", "start", "end")
-
-
 @dataclass(frozen=True)
 class ControlOption:
     """One `--control KIND=IMAGE[,scale=S][,start=A][,end=B]`: a ControlNet of that kind steered by IMAGE."""
 
     kind: str
     image: Path
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
+    settings: tuple[tuple[str, float], ...] = ()
 
 
 def parse_control(text: str) -> ControlOption:
-    """`KIND=IMAGE` with optional `,scale=S`, `,start=A`, `,end=B` after the image (fractions of the steps)."""
-    from lcmkit.control import CONTROL_MODELS
+    """`KIND=IMAGE` with optional `,scale=S`, `,start=A`, `,end=B` after the image (start/end: fractions of the
+    steps). The image is read later (`control_units`), the rest is checked now."""
+    from lcmkit.control import check_control_settings
 
     kind, eq, rest = text.partition("=")
     if not eq or not kind or not rest:
         raise ValueError(f"--control takes KIND=IMAGE[,scale=S][,start=A][,end=B], got {text!r}")
-    if kind not in CONTROL_MODELS:
-        raise ValueError(
-            f"--control {text}: unknown kind {kind!r}; known: {', '.join(sorted(CONTROL_MODELS))}"
-        )
     pieces = rest.split(",")
     settings: dict[str, float] = {}
     while len(pieces) > 1 and re.fullmatch(r"(scale|start|end)=.*", pieces[-1]):
         key, _, value = pieces.pop().partition("=")
-        settings[key] = _control_number(value, f"--control {kind}: {key}", key != "scale")
-    option = ControlOption(kind, Path(",".join(pieces)).expanduser(), **settings)
-    if not option.start < option.end:
-        raise ValueError(f"--control {text}: start ({option.start:g}) must be below end ({option.end:g})")
-    return option
-
-
-def _control_number(text: str, what: str, fraction: bool) -> float:
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--control {text}: {key} must be a number, got {value!r}") from None
     try:
-        x = float(text)
-    except ValueError:
-        x = math.nan
-    if not math.isfinite(x) or (fraction and not 0.0 <= x <= 1.0):
-        allowed = "a fraction of the steps in [0, 1]" if fraction else "a finite number"
-        raise ValueError(f"{what} must be {allowed}, got {text!r}")
-    return x
+        check_control_settings(kind, **settings)
+    except ValueError as e:
+        raise ValueError(f"--control {text}: {e}") from None
+    return ControlOption(kind, Path(",".join(pieces)).expanduser(), tuple(settings.items()))
 
 
 def parse_controlnet(text: str) -> tuple[str, str]:
@@ -494,43 +478,31 @@ def load_image(path: Path, size: tuple[int | None, int | None]) -> PIL.Image.Ima
 # Model -----------------------------------------------------------------------------------------------------
 
 
-def control_models(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """(kind, source) of each --control's ControlNet: its --controlnet, else the hub id of `CONTROL_MODELS`."""
-    from lcmkit.control import CONTROL_MODELS
-
-    chosen = dict(getattr(args, "controlnet", []))
+def control_units(args: argparse.Namespace) -> list[Any]:
+    """Each --control as a `lcmkit.control.ControlUnit` with its model (its --controlnet, else the kind's hub id)
+    and its image read now, before any model loads: a missing or unreadable image is one error line at once."""
     controls = getattr(args, "control", [])
+    chosen = dict(getattr(args, "controlnet", []))
     unused = sorted(set(chosen) - {c.kind for c in controls})
     if unused:
         raise CliError(f"--controlnet {unused[0]}=...: no --control {unused[0]}=IMAGE uses it")
-    return tuple((c.kind, chosen.get(c.kind, CONTROL_MODELS[c.kind])) for c in controls)
-
-
-def control_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline's ControlNet arguments from --control: every image read (canny edges computed) now, before
-    any model loads, so a missing or unreadable image is one error line at once."""
-    controls = getattr(args, "control", [])
     if not controls:
-        return {}
-    from lcmkit.control import control_image_for
+        return []
+    from lcmkit.control import ControlUnit
 
-    images = []
+    units = []
     for c in controls:
         if not c.image.is_file():
             raise CliError(f"--control {c.kind}: image not found: {c.image}")
-        images.append(control_image_for(c.kind, load_image(c.image, (None, None))))
-    return dict(
-        control_image=images if len(images) > 1 else images[0],
-        controlnet_conditioning_scale=[c.scale for c in controls],
-        control_guidance_start=[c.start for c in controls],
-        control_guidance_end=[c.end for c in controls],
-    )
+        image = load_image(c.image, (None, None))
+        units.append(ControlUnit(c.kind, image, **dict(c.settings), model=chosen.get(c.kind)))
+    return units
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model options as a `ModelSpec` (the one `lcmkit serve` builds too); mistakes are `SpecError`s."""
     return ModelSpec(
-        controlnets=control_models(args),
+        controlnets=tuple((u.kind, u.source) for u in getattr(args, "control_units", [])),
         model=args.model,
         loras=tuple(args.lora),
         tiny_vae=args.tiny_vae,
@@ -632,9 +604,12 @@ def run_items(
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # every input mistake before the model loads: they cost nothing then
+    from lcmkit.control import control_call_kwargs
+
     out = check_out(args.out)
+    args.control_units = control_units(args)
     spec = model_spec(args)
-    args.control_kwargs = control_kwargs(args)
+    args.control_kwargs = control_call_kwargs(args.control_units)
     items = collect_items(args)
     pipe, name = load(spec, args)
     run_items(pipe, name, items, args, out)

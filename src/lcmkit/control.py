@@ -8,6 +8,9 @@ default the CLI loads for `--control KIND=IMAGE`. This module imports nothing fr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -133,3 +136,63 @@ def control_image_for(kind: str, image: PIL.Image.Image) -> PIL.Image.Image:
     if kind == "canny":
         return canny(image)
     return image.convert("RGB")
+
+
+def check_control_settings(kind: str, scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> None:
+    """A ValueError saying what is wrong with a control's kind, weight or step fractions (0 <= start < end <= 1)."""
+    if kind not in CONTROL_MODELS:
+        raise ValueError(f"unknown control kind {kind!r}; known: {', '.join(sorted(CONTROL_MODELS))}")
+    for name, value in (("scale", scale), ("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"control {kind}: {name} must be a finite number, got {value!r}")
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(
+            f"control {kind}: start={start:g}, end={end:g}; need 0 <= start < end <= 1 (fractions of the steps)"
+        )
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet of a request, as the CLI (`--control`) and a server fill it: its kind, the user's picture,
+    its weight and the fractions of the steps it acts in, and the model (None: `CONTROL_MODELS[kind]`)."""
+
+    kind: str
+    image: PIL.Image.Image
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTROL_MODELS:
+            raise ValueError(
+                f"unknown control kind {self.kind!r}; known: {', '.join(sorted(CONTROL_MODELS))}"
+            )
+        for name in ("scale", "start", "end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"control {self.kind}: {name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(
+                f"control {self.kind}: start={self.start:g}, end={self.end:g}; need 0 <= start < end <= 1 "
+                "(fractions of the steps)"
+            )
+
+    @property
+    def source(self) -> str:
+        """The ControlNet to load: `model`, else lllyasviel's SD 1.5 model of the kind (a hub id)."""
+        return self.model or CONTROL_MODELS[self.kind]
+
+
+def control_call_kwargs(units: Sequence[ControlUnit]) -> dict[str, Any]:
+    """The pipeline call's ControlNet arguments for `units` (in the order the pipeline's nets were set), with each
+    control image made (`control_image_for`); {} for none."""
+    if not units:
+        return {}
+    images = [control_image_for(u.kind, u.image) for u in units]
+    return dict(
+        control_image=images if len(images) > 1 else images[0],
+        controlnet_conditioning_scale=[float(u.scale) for u in units],
+        control_guidance_start=[float(u.start) for u in units],
+        control_guidance_end=[float(u.end) for u in units],
+    )
