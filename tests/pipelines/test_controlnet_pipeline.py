@@ -88,6 +88,16 @@ def test_component_travels_and_image_forms_agree(pipe):
     assert out.shape == (1, 24, 40, 3)
 
 
+def test_controlnet_sources_load_at_from_pretrained(tiny_folders, tmp_path):
+    folder = save_diffusers_controlnet(tmp_path / "cn")
+    pipe = LatentConsistencyModelPipeline.from_pretrained(
+        tiny_folders["sd15"], controlnet=[folder, str(folder)]
+    )
+    assert len(pipe.controlnet) == 2 and pipe.controlnet[0].name_or_path == str(folder)
+    with pytest.raises(TypeError, match="controlnet must be a lcmkit ControlNetModel"):
+        pipe.controlnet = "not a model"
+
+
 def test_openvino_fast_mode_says_controlnet_needs_exact_mode(pipe):
     fast = LatentConsistencyModelPipeline.from_pipe(pipe)
     fast._fast_paths = dataclasses.replace(

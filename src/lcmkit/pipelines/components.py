@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from lcmkit.accel.fast import enable_fast
 from lcmkit.io.paging import release_weight_pages
-from lcmkit.loading.controlnet import check_controlnet_fits
+from lcmkit.loading.controlnet import check_controlnet_fits, load_controlnet
 from lcmkit.loading.folders import load_components, save_components
 from lcmkit.loading.hub import resolve_pretrained
 from lcmkit.models.controlnet import ControlNetModel
@@ -121,13 +121,20 @@ class PipelineComponents:
     ) -> PipelineComponents:
         """Load a diffusers-layout folder. Keyword components (`scheduler=...`, `safety_checker=None`) replace the folder's.
 
-        `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way). `fast_paths`
+        `controlnet=` takes ControlNetModels or their sources (folders, single files, hub ids; a list for
+        several). `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way). `fast_paths`
         (`lcmkit.runtime.FastPaths`, default `FastPaths.default()`) picks the fast paths the models take;
         `fast=True` is `fast_paths=FastPaths.fast()`, the OpenVINO fast mode.
         """
         fast_paths = FastPaths.chosen(fast, fast_paths)
         torch_dtype = torch_dtype or dtype
         controlnet = components.pop("controlnet", None)
+        if isinstance(controlnet, (str, Path)) or (
+            isinstance(controlnet, (list, tuple)) and any(isinstance(c, (str, Path)) for c in controlnet)
+        ):  # folders, single files or hub ids: loaded here, in the pipeline's dtype
+            sources = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+            loaded_nets = [load_controlnet(c, torch_dtype=torch_dtype) for c in sources]
+            controlnet = loaded_nets if isinstance(controlnet, (list, tuple)) else loaded_nets[0]
         hub_kwargs = {k: components.pop(k) for k in HUB_KWARGS if k in components}
         # components the caller supplies (or disables with None) are not downloaded
         folder = resolve_pretrained(
