@@ -149,6 +149,20 @@ def test_txt2img_matches_sd_controlnet_pipeline(case, nets, tiny_folders):
     assert max_abs_diff(a, c) > 1e-3  # the ControlNet really steered
 
 
+def test_nested_per_prompt_images_match_diffusers(nets, tiny_folders):
+    """diffusers' nested form: one list per prompt, each with one image per net."""
+    ours, ref = _pipes(tiny_folders["sd15"], nets, (0, 1))
+    nested = [[pil(40), pil(41)], [pil(42), pil(43)]]
+    kwargs = dict(
+        num_inference_steps=2, output_type="np", guidance_scale=5.0, controlnet_conditioning_scale=[0.9, 0.6]
+    )
+    a = ours(PROMPTS, control_image=nested, generator=[gen(1), gen(2)], **kwargs).images
+    b = ref(PROMPTS, image=nested, generator=[gen(1), gen(2)], **kwargs).images
+    assert_close_to_reference(a, b, atol=TOL, what="image from nested per-prompt control images")
+    swapped = ours(PROMPTS, control_image=nested[::-1], generator=[gen(1), gen(2)], **kwargs).images
+    assert max_abs_diff(a, swapped) > 1e-3  # each prompt got its own images
+
+
 def test_wrong_size_control_image_is_resized_as_diffusers_does(nets, tiny_folders):
     ours, ref = _pipes(tiny_folders["sd15"], nets, (0,))
     image = pil(3, size=(48, 40))  # not the output size: both resize it (Lanczos) to 32x32

@@ -45,7 +45,9 @@ BAD = [
     (dict(guess_mode=True), "guess_mode=True is not supported"),
     (dict(control_image=[IMAGE, IMAGE], image=[IMAGE, IMAGE]), "not both"),
     (dict(control_image=[IMAGE, "edges.png"]), "a control image must be"),
-    (dict(control_image=[IMAGE, [IMAGE, IMAGE, IMAGE]]), "3 control images for 1 prompt"),
+    (dict(control_image=[IMAGE, torch.rand(3, 3, 32, 32)]), "3 control images for 1 prompt"),
+    (dict(control_image=[[IMAGE, IMAGE, IMAGE]]), "each with 2 images"),
+    (dict(control_image=[IMAGE, [IMAGE, IMAGE]]), "rows of lengths ['not a list', 2]"),
 ]  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """ControlNet in the LCM pipelines: checking a call's control arguments, preparing the control images, and the
 residuals each step adds to the UNet (diffusers' `StableDiffusionControlNetPipeline` semantics, guess mode off).
 
-- `control_image`: one image (PIL, array, tensor, or a batch as a list) per ControlNet; a batch of 1 is repeated for
-  every output, a batch of one image per prompt is repeated per `num_images_per_prompt`. Images are resized to the
+- `control_image`: one image (PIL, array, tensor, or a batch as a list) per ControlNet, or diffusers' nested form (one
+  list per prompt, each with one image per net); a batch of 1 is repeated for every output, a batch of one image per
+  prompt is repeated per `num_images_per_prompt`. Images are resized to the
   output size (PIL with Lanczos, arrays and tensors nearest), scaled to [0, 1] (no [-1, 1] normalisation), RGB.
 - `controlnet_conditioning_scale`: one float for all nets, or one per net.
 - `control_guidance_start` / `control_guidance_end`: fractions of the steps in which a net acts: at step i of n
@@ -65,6 +66,17 @@ def _per_net(value: FloatOrList, n: int, name: str) -> list[float]:
     return [float(v) for v in values]
 
 
+def _per_net_images(nested: Sequence, n: int) -> list[list]:
+    """diffusers' nested form, one list per prompt with one image per net ([[canny_1, pose_1], [canny_2, pose_2]]),
+    as one list of per-prompt images per net."""
+    if not all(isinstance(row, (list, tuple)) and len(row) == n for row in nested):
+        raise ValueError(
+            f"a nested `control_image` must be one list per prompt, each with {n} images (one per ControlNet); "
+            f"got rows of lengths {[len(r) if isinstance(r, (list, tuple)) else 'not a list' for r in nested]}"
+        )
+    return [list(column) for column in zip(*nested, strict=True)]
+
+
 def check_control_args(
     nets: list[ControlNetModel],
     control_image: Any,
@@ -89,6 +101,10 @@ def check_control_args(
         )
     if len(nets) == 1:
         images = [control_image]
+    elif isinstance(control_image, (list, tuple)) and any(
+        isinstance(i, (list, tuple)) for i in control_image
+    ):
+        images = _per_net_images(control_image, len(nets))
     elif not isinstance(control_image, (list, tuple)) or len(control_image) != len(nets):
         got = len(control_image) if isinstance(control_image, (list, tuple)) else 1
         raise ValueError(

@@ -92,10 +92,10 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
         control_image = control_image if control_image is not None else image
         if self._controlnets and control_image is not None and latents is None:
             # as diffusers' ControlNet pipeline: the size of the (first) control image, unless given
-            several = (
-                len(self._controlnets) > 1 and isinstance(control_image, (list, tuple)) and control_image
-            )
-            size = control_image_size(control_image[0] if several else control_image, self.vae_scale_factor)
+            first = control_image
+            while len(self._controlnets) > 1 and isinstance(first, (list, tuple)) and first:
+                first = first[0]  # the first net's image (or, nested, the first prompt's)
+            size = control_image_size(first, self.vae_scale_factor)
             height, width = height or size[0], width or size[1]
         # sizes default to the UNet's sample size in pixels
         height = height or self.unet.config.sample_size * self.vae_scale_factor
