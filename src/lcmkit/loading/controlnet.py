@@ -228,8 +228,9 @@ def check_controlnet_fits(controlnet: _ControlNetModel, unet: UNet2DConditionMod
         if getattr(controlnet.config, name) != getattr(unet_config, name)
     ]
     if wrong:
+        what = "is a ControlNet" if controlnet.name_or_path else "this ControlNet (built in memory) is one"
         raise ModelFileError(
-            f"is a ControlNet for another base model: {'; '.join(wrong)}. Use a ControlNet trained for this "
+            f"{what} for another base model: {'; '.join(wrong)}. Use a ControlNet trained for this "
             "pipeline's UNet (SD 1.5 ControlNets for SD 1.5 models)",
-            controlnet.name_or_path or "<ControlNetModel built in memory>",
+            controlnet.name_or_path,
         )
