@@ -19,7 +19,8 @@ import lcmkit
 PACKAGE = Path(lcmkit.__file__).parent
 
 # Lowest first. A module belongs to the longest prefix that names it.
-#   the package root (version, lazy public names), io (leaf helpers: model-file errors, weight files, pages, pixels)
+#   the package root (version, lazy public names), io (leaf helpers: model-file errors, weight files, pages, pixels),
+#   control (ControlNet control images made with numpy and Pillow; the kind -> model table)
 #   config (typed configs), runtime (FastPaths)
 #   nn (layers), schedulers (noise schedules, the LCM and DDIM steps, sample_lcm), models (UNet, VAEs, text, safety)
 #   loading (folders, single files, LoRA, textual inversion, the hub)
@@ -28,7 +29,7 @@ PACKAGE = Path(lcmkit.__file__).parent
 #   spec (the model options of the CLI and the server), train, then the front ends: server, distributed (Ray Data
 #   batches and Ray Serve around the server), cli
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("lcmkit", "lcmkit.io"),
+    ("lcmkit", "lcmkit.io", "lcmkit.control"),
     ("lcmkit.config", "lcmkit.runtime"),
     ("lcmkit.nn",),
     ("lcmkit.schedulers",),

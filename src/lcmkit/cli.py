@@ -159,6 +159,46 @@ def parse_ip_adapter(text: str) -> tuple[str, float]:
     return path, scale
 
 
+@dataclass(frozen=True)
+class ControlOption:
+    """One `--control KIND=IMAGE[,scale=S][,start=A][,end=B]`: a ControlNet of that kind steered by IMAGE."""
+
+    kind: str
+    image: Path
+    settings: tuple[tuple[str, float], ...] = ()
+
+
+def parse_control(text: str) -> ControlOption:
+    """`KIND=IMAGE` with optional `,scale=S`, `,start=A`, `,end=B` after the image (start/end: fractions of the
+    steps). The image is read later (`control_units`), the rest is checked now."""
+    from lcmkit.control import check_control_settings
+
+    kind, eq, rest = text.partition("=")
+    if not eq or not kind or not rest:
+        raise ValueError(f"--control takes KIND=IMAGE[,scale=S][,start=A][,end=B], got {text!r}")
+    pieces = rest.split(",")
+    settings: dict[str, float] = {}
+    while len(pieces) > 1 and re.fullmatch(r"(scale|start|end)=.*", pieces[-1]):
+        key, _, value = pieces.pop().partition("=")
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--control {text}: {key} must be a number, got {value!r}") from None
+    try:
+        check_control_settings(kind, **settings)
+    except ValueError as e:
+        raise ValueError(f"--control {text}: {e}") from None
+    return ControlOption(kind, Path(",".join(pieces)).expanduser(), tuple(settings.items()))
+
+
+def parse_controlnet(text: str) -> tuple[str, str]:
+    """`KIND=PATH_OR_HUB_ID`: the ControlNet model to use for that kind."""
+    kind, eq, source = text.partition("=")
+    if not eq or not kind or not source:
+        raise ValueError(f"--controlnet takes KIND=PATH_OR_HUB_ID, got {text!r}")
+    return kind, source
+
+
 def parse_limit(text: str) -> tuple[str, int]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
@@ -235,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--quiet", action="store_true",
         help="no progress bars, notes or warnings on stderr (errors still print); stdout still lists the images")  # fmt: skip
+    control = argparse.ArgumentParser(add_help=False)
+    control.add_argument("--control", action="append", default=[], type=_arg(parse_control),
+        metavar="KIND=IMAGE[,scale=S][,start=A][,end=B]",
+        help="steer with a ControlNet of KIND (canny: edges computed from IMAGE; depth, pose, normal, lineart, "
+        "scribble, seg, ...: IMAGE used as it is), at weight S (1) from fraction A (0) to B (1) of the steps; "
+        "repeatable, one ControlNet each; exact mode only")  # fmt: skip
+    control.add_argument("--controlnet", action="append", default=[], type=_arg(parse_controlnet),
+        metavar="KIND=PATH_OR_ID",
+        help="the ControlNet model for KIND: a diffusers folder, an original .safetensors/.pth file or a hub id "
+        "(default: lllyasviel's control_v11 SD1.5 model of that kind, from the hub)")  # fmt: skip
     batch = argparse.ArgumentParser(add_help=False)
     add = batch.add_argument
     add("--strength", type=_arg(parse_float, "--strength", 0.0, 1.0), default=0.8,
@@ -258,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lcmkit", description="Latent Consistency Model image generation in a few steps",
                      formatter_class=_HelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = [common, model, where, pipe, gen, batch, ipa]
+    run = [common, model, where, pipe, gen, control, batch, ipa]
     p = sub.add_parser("generate", parents=run, formatter_class=_HelpFormatter, help="text to image")
     p.add_argument("prompt", nargs="?", help="the prompt (leave out with --prompts)")
     p = sub.add_parser("img2img", parents=run, formatter_class=_HelpFormatter, help="image to image")
@@ -346,7 +396,8 @@ def base_request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, negative_prompt=args.negative, steps=steps,
                              guidance_scale=guidance, seed=args.seed, width=width, height=height,
                              num_images=args.n, strength=args.strength,
-                             extra={"preset": args.preset} if args.preset else {})  # fmt: skip
+                             extra={**({"preset": args.preset} if args.preset else {}),
+                                    **getattr(args, "control_kwargs", {})})  # fmt: skip
 
 
 def json_item(line: str, args: argparse.Namespace, image: Path | None, folder: Path) -> Item:
@@ -470,9 +521,31 @@ def load_image(path: Path, size: tuple[int | None, int | None]) -> PIL.Image.Ima
 # Model -----------------------------------------------------------------------------------------------------
 
 
+def control_units(args: argparse.Namespace) -> list[Any]:
+    """Each --control as a `lcmkit.control.ControlUnit` with its model (its --controlnet, else the kind's hub id)
+    and its image read now, before any model loads: a missing or unreadable image is one error line at once."""
+    controls = getattr(args, "control", [])
+    chosen = dict(getattr(args, "controlnet", []))
+    unused = sorted(set(chosen) - {c.kind for c in controls})
+    if unused:
+        raise CliError(f"--controlnet {unused[0]}=...: no --control {unused[0]}=IMAGE uses it")
+    if not controls:
+        return []
+    from lcmkit.control import ControlUnit
+
+    units = []
+    for c in controls:
+        if not c.image.is_file():
+            raise CliError(f"--control {c.kind}: image not found: {c.image}")
+        image = load_image(c.image, (None, None))
+        units.append(ControlUnit(c.kind, image, **dict(c.settings), model=chosen.get(c.kind)))
+    return units
+
+
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model options as a `ModelSpec` (the one `lcmkit serve` builds too); mistakes are `SpecError`s."""
     return ModelSpec(
+        controlnets=tuple((u.kind, u.source) for u in getattr(args, "control_units", [])),
         model=args.model,
         loras=tuple(args.lora),
         tiny_vae=args.tiny_vae,
@@ -575,9 +648,13 @@ def run_items(
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # every input mistake before the model loads: they cost nothing then
+    from lcmkit.control import control_call_kwargs
+
     out = check_out(args.out)
-    items = with_ip_image(collect_items(args), args)
+    args.control_units = control_units(args)
     spec = model_spec(args)
+    args.control_kwargs = control_call_kwargs(args.control_units)
+    items = with_ip_image(collect_items(args), args)
     pipe, name = load(spec, args)
     run_items(pipe, name, items, args, out)
     return 0

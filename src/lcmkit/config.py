@@ -412,6 +412,98 @@ class UNetConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# ControlNet
+
+_CONTROLNET_OWN_KEYS = (
+    "conditioning_channels",
+    "conditioning_embedding_out_channels",
+    "controlnet_conditioning_channel_order",
+    "global_pool_conditions",
+    "addition_embed_type_num_heads",
+)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig(UNetConfig):
+    """A ControlNet (diffusers `ControlNetModel`, SD 1.x / 2.x layout): the UNet's encoder half and mid block
+    (every `UNetConfig` field but the up path), plus the hint encoder for the control image.
+
+    `conditioning_embedding_out_channels` are the widths of the hint encoder's convolutions; the control image has
+    `conditioning_channels` channels in `conditioning_channel_order` ("rgb", or "bgr": flipped before use);
+    `global_pool_conditions` averages every residual over the image (the shuffle ControlNet).
+    `time_cond_proj_dim` (an LCM w-embedding input) is lcmkit's own extension: diffusers' ControlNet has none.
+    """
+
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    conditioning_channel_order: str = "rgb"
+    global_pool_conditions: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(set(self.layers_per_block)) != 1:
+            raise ConfigError(
+                f"a ControlNet has the same number of resnets on every level, got layers_per_block={self.layers_per_block}"
+            )
+        if self.conditioning_channel_order not in ("rgb", "bgr"):
+            raise ConfigError(
+                f"controlnet_conditioning_channel_order={self.conditioning_channel_order!r}; allowed: 'rgb', 'bgr'"
+            )
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> ControlNetConfig:
+        """Read a diffusers `ControlNetModel` config; ConfigError names any field lcmkit cannot use (an SDXL
+        ControlNet's `addition_embed_type`, for one)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"a ControlNet config must be a dict of settings, got {type(cfg).__name__}")
+        cfg = dict(cfg)
+        m = "ControlNet"
+        _check_class(cfg, ("ControlNetModel",))
+        own = {k: cfg.pop(k) for k in _CONTROLNET_OWN_KEYS if k in cfg}
+        cfg.pop("_class_name", None)
+        # the trunk is read as a UNet whose up path mirrors the down path (a ControlNet has none)
+        mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+        down = _names(cfg, "down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), m)
+        cfg["up_block_types"] = [mirror.get(t, t) for t in reversed(down)]
+        trunk = UNetConfig.from_diffusers(cfg)
+        order = _value(own, "controlnet_conditioning_channel_order", "rgb")
+        if not isinstance(order, str):
+            raise _type_error("controlnet_conditioning_channel_order", m, "'rgb' or 'bgr'", order)
+        return cls(
+            **{f.name: getattr(trunk, f.name) for f in dataclasses.fields(UNetConfig)},
+            conditioning_channels=_int(own, "conditioning_channels", 3, m),
+            conditioning_embedding_out_channels=_ints(
+                own, "conditioning_embedding_out_channels", (16, 32, 96, 256), m
+            ),
+            conditioning_channel_order=order,
+            global_pool_conditions=_bool(own, "global_pool_conditions", False, m),
+        )
+
+    def to_diffusers(self) -> dict:
+        out = super().to_diffusers()
+        for key in (
+            "up_block_types",
+            "out_channels",
+            "time_embedding_dim",
+            "dropout",
+            "sample_size",
+            "center_input_sample",
+        ):
+            out.pop(key)
+        if self.time_cond_proj_dim is None:
+            out.pop("time_cond_proj_dim")
+        out.update(
+            _class_name="ControlNetModel",
+            layers_per_block=self.layers_per_block[0],
+            conditioning_channels=self.conditioning_channels,
+            conditioning_embedding_out_channels=list(self.conditioning_embedding_out_channels),
+            controlnet_conditioning_channel_order=self.conditioning_channel_order,
+            global_pool_conditions=self.global_pool_conditions,
+        )
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # VAE
 
 _VAE_UNSUPPORTED = {"act_fn": "silu"}

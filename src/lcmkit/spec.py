@@ -74,6 +74,9 @@ class ModelSpec:
     dtype: "auto" (float16 on CUDA, float32 elsewhere) or a torch dtype name.
     name: the model name written into infotexts and served by the API; None: derived from `model` (a folder's
         name, a file's stem, the hub id).
+    controlnets: (kind, source) pairs, one ControlNet per entry in call order; each source a diffusers folder, an
+        original single file or a hub id (`lcmkit.control.CONTROL_MODELS[kind]` by default in the CLI). Exact
+        mode only (not with `fast` or `openvino`).
     """
 
     model: str | None = None
@@ -89,6 +92,7 @@ class ModelSpec:
     device: str | None = None
     dtype: str = "auto"
     name: str | None = None
+    controlnets: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -97,6 +101,7 @@ class ModelSpec:
         if isinstance(self.tiny_vae, os.PathLike):
             set_(self, "tiny_vae", os.fspath(self.tiny_vae))
         set_(self, "loras", self._checked_loras())
+        set_(self, "controlnets", self._checked_controlnets())
         if isinstance(self.fast_size, list):
             set_(self, "fast_size", tuple(self.fast_size))
         if self.freeu is not None:
@@ -148,6 +153,34 @@ class ModelSpec:
             if not Path(source).expanduser().exists() and not _is_hub_id(source):
                 raise SpecError(f"--lora {source}: no such file or folder, and not a hub id like owner/name")
             out.append((source, _finite(weight, f"the weight of --lora {source}")))
+        return tuple(out)
+
+    def _checked_controlnets(self) -> tuple[tuple[str, str], ...]:
+        from lcmkit.control import CONTROL_MODELS
+
+        if isinstance(self.controlnets, str | bytes) or not isinstance(self.controlnets, list | tuple):
+            raise SpecError(
+                f"controlnets must be a sequence of (kind, source) pairs, got {self.controlnets!r}"
+            )
+        out = []
+        for entry in self.controlnets:
+            if not isinstance(entry, list | tuple) or len(entry) != 2:
+                raise SpecError(f"--controlnet takes KIND=PATH_OR_HUB_ID; got the entry {entry!r}")
+            kind, source = entry[0], os.fspath(entry[1]) if isinstance(entry[1], os.PathLike) else entry[1]
+            if kind not in CONTROL_MODELS:
+                raise SpecError(f"unknown control kind {kind!r}; known: {', '.join(sorted(CONTROL_MODELS))}")
+            if not isinstance(source, str) or not source:
+                raise SpecError(f"--controlnet {kind}= needs a folder, file or hub id, got {source!r}")
+            if not Path(source).expanduser().exists() and not _is_hub_id(source):
+                raise SpecError(
+                    f"--controlnet {kind}={source}: no such file or folder, and not a hub id like owner/name"
+                )
+            out.append((kind, source))
+        if out and (self.fast or self.openvino):
+            flag = "--fast" if self.fast else "--openvino"
+            raise SpecError(
+                f"ControlNet needs exact mode: the OpenVINO UNet takes no ControlNet residuals; drop {flag}"
+            )
         return tuple(out)
 
     def _check_switches(self) -> None:
@@ -261,6 +294,7 @@ class ModelSpec:
         parts = [self.model_name, *(f"lora {s}:{w:g}" for s, w in self.loras)]
         if self.ip_adapter:
             parts.append(f"ip-adapter {self.ip_adapter[0]}:{self.ip_adapter[1]:g}")
+        parts += [f"controlnet {kind} {source}" for kind, source in self.controlnets]
         switches = {"tiny vae": self.tiny_vae, "freeu": self.freeu, "openvino": self.openvino,
                     "fast": self.fast and self.fast_precision,
                     "device": self.device, "vae tiling": self.vae_tiling or None}  # fmt: skip
@@ -372,6 +406,8 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     if spec.ip_adapter:
         pipe.load_ip_adapter(spec.ip_adapter[0])
         pipe.set_ip_adapter_scale(spec.ip_adapter[1])
+    if spec.controlnets:
+        _set_controlnets(pipe, spec, dtype)
     if device.type != "cpu":
         pipe.to(device)
     if spec.vae_tiling:
@@ -388,6 +424,19 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     if spec.fast:
         _enable_fast(pipe, spec)
     return pipe, name
+
+
+def _set_controlnets(pipe: Any, spec: ModelSpec, dtype: torch.dtype) -> None:
+    """Load each (kind, source) ControlNet once (a source named twice is one model) and set them on the pipeline;
+    a file that is not a ControlNet, or one for another base model, fails naming the file."""
+    from lcmkit.loading.controlnet import load_controlnet
+
+    loaded: dict[str, Any] = {}
+    for _, source in spec.controlnets:
+        if source not in loaded:
+            loaded[source] = load_controlnet(source, torch_dtype=dtype)
+    nets = [loaded[source] for _, source in spec.controlnets]
+    pipe.controlnet = nets if len(nets) > 1 else nets[0]
 
 
 def _enable_fast(pipe: Any, spec: ModelSpec) -> None:

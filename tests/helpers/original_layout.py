@@ -142,3 +142,30 @@ def save_original(sd: dict[str, torch.Tensor], path: Path) -> Path:
     else:
         torch.save({"state_dict": sd, "global_step": 1}, str(path))
     return path
+
+
+def controlnet_to_original(sd: dict[str, torch.Tensor], layers: int, prefix: str = "control_model.") -> dict:
+    """diffusers ControlNetModel keys -> the original ControlNet layout (lllyasviel's `cldm`): the UNet half as
+    in `unet_to_original`, the hint encoder as `input_hint_block.{0,2,4,...}`, zero convolutions as
+    `zero_convs.N.0` and `middle_block_out.0`; every key under `prefix`."""
+    n_blocks = len({k.split(".")[2] for k in sd if k.startswith("controlnet_cond_embedding.blocks.")})
+    trunk, out = {}, {}
+    for key, value in sd.items():
+        module, _, param = key.rpartition(".")
+        if module == "controlnet_cond_embedding.conv_in":
+            new = "input_hint_block.0"
+        elif module == "controlnet_cond_embedding.conv_out":
+            new = f"input_hint_block.{2 * (n_blocks + 1)}"
+        elif m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)$", module):
+            new = f"input_hint_block.{2 * (int(m.group(1)) + 1)}"
+        elif m := re.match(r"controlnet_down_blocks\.(\d+)$", module):
+            new = f"zero_convs.{m.group(1)}.0"
+        elif module == "controlnet_mid_block":
+            new = "middle_block_out.0"
+        else:
+            trunk[key] = value
+            continue
+        out[f"{prefix}{new}.{param}"] = value
+    for key, value in unet_to_original(trunk, layers).items():
+        out[prefix + key.removeprefix("model.diffusion_model.")] = value
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}

@@ -197,7 +197,7 @@ def _indices(keys: Iterable[str], pattern: str) -> list[int]:
 # Configs from the tensors
 
 
-def _unet_levels(sd: Mapping[str, torch.Tensor]) -> list[tuple[int, bool, int, int]]:
+def unet_levels(sd: Mapping[str, torch.Tensor]) -> list[tuple[int, bool, int, int]]:
     """Per down level: (width, attends, transformer depth, resnets), read from `input_blocks`.
 
     Levels are the runs of blocks between downsamplers (`input_blocks.k.0.op`); a block attends when it has a `.1`
@@ -249,7 +249,7 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], sample_size: int = SD1_IMA
     Heads follow SD 1.x (8 per level), since head counts leave no trace in the shapes.
     """
     conv_in = _need(sd, "input_blocks.0.0.weight", "UNet")
-    levels = _unet_levels(sd)
+    levels = unet_levels(sd)
     channels = tuple(level[0] for level in levels)
     layers = tuple(level[3] for level in levels)
     mid_depth = len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."))

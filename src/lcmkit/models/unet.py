@@ -8,6 +8,7 @@ no renaming. Which levels have cross-attention is data in `UNetConfig`, not a ch
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,7 +54,7 @@ class Timesteps(nn.Module):
         return timestep_features(t, self.dim, self.flip_sin_to_cos, self.freq_shift)
 
 
-def _time_embed_dim(config: UNetConfig) -> int:
+def time_embed_dim(config: UNetConfig) -> int:
     return config.time_embedding_dim or 4 * config.block_out_channels[0]
 
 
@@ -61,7 +62,7 @@ def _resnet(config: UNetConfig, c_in: int, c_out: int, output_scale_factor: floa
     return ResnetBlock2D(
         c_in,
         c_out,
-        temb_channels=_time_embed_dim(config),
+        temb_channels=time_embed_dim(config),
         groups=config.norm_num_groups,
         eps=config.norm_eps,
         dropout=config.dropout,
@@ -195,7 +196,46 @@ class UpBlock(nn.Module):
         return h
 
 
-class UNet2DConditionModel(ModelMixin):
+def _add_residuals(skips: list[torch.Tensor], residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each skip connection plus its ControlNet residual (diffusers' `down_block_additional_residuals`)."""
+    if len(residuals) != len(skips):
+        raise ValueError(
+            f"down_block_additional_residuals has {len(residuals)} tensors; this UNet has {len(skips)} skip "
+            "connections (is the ControlNet built for another UNet?)"
+        )
+    return [skip + residual for skip, residual in zip(skips, residuals, strict=True)]
+
+
+class TimeConditioned(ModelMixin):
+    """What the UNet and the ControlNet share: `temb` from the timestep (and the LCM w-embedding) through their
+    `time_proj` and `time_embedding` modules."""
+
+    time_proj: Timesteps
+    time_embedding: TimestepEmbedding
+
+    def time_features(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, timestep_cond: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`temb` = MLP(sinusoid(t) + cond_proj(w_emb)), one row per sample in the batch."""
+        batch = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            dtype = torch.float32 if isinstance(timestep, float) else torch.int64
+            timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
+        elif timestep.ndim == 0:
+            timestep = timestep[None].to(sample.device)
+        if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
+            raise ValueError(
+                f"timestep must be a number, a 0-d tensor, or a 1-d tensor of length 1 or batch size {batch}; "
+                f"got shape {tuple(timestep.shape)}"
+            )
+        t_emb = self.time_proj(timestep.to(sample.device).expand(batch))
+        t_emb = t_emb.to(sample.dtype)  # the sinusoid is float32; the MLP runs in the model's dtype
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.to(t_emb.dtype)
+        return self.time_embedding(t_emb, timestep_cond)
+
+
+class UNet2DConditionModel(TimeConditioned):
     """eps/v-prediction UNet conditioned on a timestep, text embeddings and (for LCM) a guidance embedding.
 
     The LCM w-embedding (`timestep_cond`) is added to the sinusoidal timestep features through
@@ -216,7 +256,7 @@ class UNet2DConditionModel(ModelMixin):
         n_levels = len(config.block_out_channels)
         self.conv_in = nn.Conv2d(config.in_channels, c0, kernel_size=3, padding=1)
         self.time_proj = Timesteps(c0, config.flip_sin_to_cos, config.freq_shift)
-        self.time_embedding = TimestepEmbedding(c0, _time_embed_dim(config), config.time_cond_proj_dim)
+        self.time_embedding = TimestepEmbedding(c0, time_embed_dim(config), config.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList([DownBlock(config, i) for i in range(n_levels)])
         self.mid_block = MidBlock(config)
         self.up_blocks = nn.ModuleList([UpBlock(config, i) for i in range(n_levels)])
@@ -259,27 +299,6 @@ class UNet2DConditionModel(ModelMixin):
         """`FastPaths.unet_subpixel = "off"`: upsample exactly as the reference does (nearest 2x, then the conv)."""
         self.set_fast_paths(replace(self.fast_paths, unet_subpixel="off"))
 
-    def time_features(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, timestep_cond: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`temb` = MLP(sinusoid(t) + cond_proj(w_emb)), one row per sample in the batch."""
-        batch = sample.shape[0]
-        if not torch.is_tensor(timestep):
-            dtype = torch.float32 if isinstance(timestep, float) else torch.int64
-            timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
-        elif timestep.ndim == 0:
-            timestep = timestep[None].to(sample.device)
-        if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
-            raise ValueError(
-                f"timestep must be a number, a 0-d tensor, or a 1-d tensor of length 1 or batch size {batch}; "
-                f"got shape {tuple(timestep.shape)}"
-            )
-        t_emb = self.time_proj(timestep.to(sample.device).expand(batch))
-        t_emb = t_emb.to(sample.dtype)  # the sinusoid is float32; the MLP runs in the model's dtype
-        if timestep_cond is not None:
-            timestep_cond = timestep_cond.to(t_emb.dtype)
-        return self.time_embedding(t_emb, timestep_cond)
-
     def cross_context(
         self, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict[str, Any] | None
     ) -> torch.Tensor | ImageContext:
@@ -308,6 +327,8 @@ class UNet2DConditionModel(ModelMixin):
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         added_cond_kwargs: dict[str, Any] | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """Predict the model output for latents `sample` (B, C, H, W) at `timestep`.
@@ -317,6 +338,10 @@ class UNet2DConditionModel(ModelMixin):
         read: it multiplies every LoRA adapter for this call. With an IP-Adapter loaded, `added_cond_kwargs`
         must hold `"image_embeds"` (as diffusers passes them, see `project_image_embeds`). H and W need not be
         multiples of 2**(levels-1).
+
+        `down_block_additional_residuals` (one per skip connection, in encoder order) and
+        `mid_block_additional_residual` are a ControlNet's outputs: added to the skips and to the mid block's
+        output, as in diffusers.
         """
         lora_scale = (cross_attention_kwargs or {}).get("scale", 1.0)
         if lora_scale != 1.0:
@@ -327,6 +352,8 @@ class UNet2DConditionModel(ModelMixin):
                     encoder_hidden_states,
                     timestep_cond=timestep_cond,
                     added_cond_kwargs=added_cond_kwargs,
+                    down_block_additional_residuals=down_block_additional_residuals,
+                    mid_block_additional_residual=mid_block_additional_residual,
                     return_dict=return_dict,
                 )
         temb = self.time_features(sample, timestep, timestep_cond)
@@ -337,8 +364,12 @@ class UNet2DConditionModel(ModelMixin):
         for block in self.down_blocks:
             h, block_skips = block(h, temb, context)
             skips.extend(block_skips)
+        if down_block_additional_residuals is not None:
+            skips = _add_residuals(skips, down_block_additional_residuals)
 
         h = self.mid_block(h, temb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
 
         # When H or W is not a multiple of the total down factor, the encoder rounded sizes up; each upsampler
         # must then produce exactly the size of the skip it will be concatenated with, not simply 2x.

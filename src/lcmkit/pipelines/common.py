@@ -29,6 +29,7 @@ from lcmkit.pipelines.checks import (
     prompt_batch_size,
 )
 from lcmkit.pipelines.components import HUB_KWARGS, PipelineComponents  # noqa: F401  (HUB_KWARGS re-exported)
+from lcmkit.pipelines.control import ControlArgs, ControlRun, check_control_args, prepare_control_image
 from lcmkit.pipelines.decode import decode_latents, pipeline_output
 from lcmkit.pipelines.guidance import Conditioning, guided_prediction
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
@@ -218,9 +219,11 @@ class LCMPipelineBase(
         check_more: Callable[[], None] | None = None,
         ip_adapter_image: Any = None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        control: dict[str, Any] | None = None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """One call of either pipeline; `start_latents(schedule, batch, dtype, device)` makes its x_t at the
-        first timestep (noise, or the noised image), and `check_more()` checks its own inputs."""
+        first timestep (noise, or the noised image), and `check_more()` checks its own inputs. `control` holds
+        the call's ControlNet arguments (`check_control_args`'s keywords)."""
         # 1. check inputs
         check_common_inputs(
             prompt,
@@ -235,6 +238,7 @@ class LCMPipelineBase(
         if check_more is not None:
             check_more()
         self._check_ip_inputs(ip_adapter_image, ip_adapter_image_embeds)
+        control_args = self._check_control(control or {})
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
@@ -264,6 +268,11 @@ class LCMPipelineBase(
         )
         # 4. starting latents
         latents = start_latents(schedule, batch, dtype, device)
+        # 4b. the control images, at the size of the latents
+        control_run = None
+        if control_args is not None:
+            size = tuple(d * self.vae_scale_factor for d in latents.shape[-2:])
+            control_run = self._control_run(control_args, size, batch, num_images_per_prompt, len(schedule))
         # 5. the sampler, then the decode
         denoised = self._denoise(
             latents,
@@ -274,6 +283,7 @@ class LCMPipelineBase(
             callback_on_step_end_tensor_inputs,
             legacy_callback,
             legacy_callback_steps,
+            control_run,
         )
         image, has_nsfw = decode_latents(
             denoised,
@@ -297,6 +307,7 @@ class LCMPipelineBase(
         callback_tensor_inputs: Sequence[str],
         legacy_callback: Callable | None = None,
         legacy_callback_steps: int = 1,
+        control: ControlRun | None = None,
     ) -> torch.Tensor:
         """`sample_lcm` with the UNet (and guidance) as `predict`; the step hooks may read and replace the tensors
         they asked for (the prompt embeddings too: `predict` reads them from the same state)."""
@@ -322,6 +333,7 @@ class LCMPipelineBase(
                 cond.cfg_scale,
                 self._cross_attention_kwargs,
                 cond.image_embeds,
+                control,
             )
 
         with self.progress_bar(total=len(timesteps)) as bar:
@@ -346,7 +358,7 @@ class LCMPipelineBase(
             denoised = sample_lcm(
                 predict, self.scheduler, x_t, timesteps, generator=generator, callback=after_step
             )
-        self._page_out(self.unet)
+        self._page_out(self.unet, *self._controlnets)
         # LCM decodes its last consistency estimate; other samplers (DDIM, Euler) their last sample, as diffusers.
         final = denoised if isinstance(self.scheduler, LCMScheduler) else state["latents"]
         return final.to(state["prompt_embeds"].dtype)
@@ -367,6 +379,32 @@ class LCMPipelineBase(
                 "an IP-Adapter is loaded: pass ip_adapter_image= (or ip_adapter_image_embeds=), or call "
                 "unload_ip_adapter() (set_ip_adapter_scale(0) keeps it but turns it off)"
             )
+
+    def _check_control(self, control: dict[str, Any]) -> ControlArgs | None:
+        """The call's ControlNet arguments, checked (before anything runs); None without a ControlNet."""
+        args = check_control_args(
+            self._controlnets,
+            control.get("control_image"),
+            control.get("controlnet_conditioning_scale", 1.0),
+            control.get("control_guidance_start", 0.0),
+            control.get("control_guidance_end", 1.0),
+            control.get("guess_mode", False),
+        )
+        if args is not None and self._fast_paths.backend == "openvino":
+            raise ValueError(
+                "ControlNet needs exact mode: the OpenVINO fast mode's UNet graph takes no ControlNet residuals. "
+                "Load the pipeline without fast=True / --fast to use a ControlNet"
+            )
+        return args
+
+    def _control_run(
+        self, args: ControlArgs, size: tuple[int, int], batch: int, per_prompt: int, steps: int
+    ) -> ControlRun:
+        images = [
+            prepare_control_image(image, *size, batch // per_prompt, per_prompt, self.device, net.dtype)
+            for image, net in zip(args.images, self._controlnets, strict=True)
+        ]
+        return ControlRun.build(self._controlnets, args, images, steps)
 
     def _use_preset(
         self, preset: str | None, steps: int, timesteps: list[int] | None, guidance_scale: float

@@ -13,10 +13,13 @@ from tqdm.auto import tqdm
 
 from lcmkit.accel.fast import enable_fast
 from lcmkit.io.paging import release_weight_pages
+from lcmkit.loading.controlnet import check_controlnet_fits, load_controlnet
 from lcmkit.loading.folders import load_components, save_components
 from lcmkit.loading.hub import resolve_pretrained
+from lcmkit.models.controlnet import ControlNetModel
 from lcmkit.nn.conv import Prepack, Winograd
 from lcmkit.nn.paths import apply_fast_paths
+from lcmkit.pipelines.control import as_net_list
 from lcmkit.runtime import FastPaths
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class PipelineComponents:
         feature_extractor: Any = None,
         image_encoder: Any = None,
         requires_safety_checker: bool = True,
+        controlnet: Any = None,
     ) -> None:
         self.vae = vae
         self.text_encoder = text_encoder
@@ -65,6 +69,27 @@ class PipelineComponents:
         self._progress_bar_config: dict[str, Any] = {}
         self._fast_paths = FastPaths.default()
         self.fast_mode = None  # what `lcmkit.accel.enable_fast` installed, once backend "openvino" is set
+        self._controlnets: list[ControlNetModel] = []
+        self._controlnet_list = False
+        self.controlnet = controlnet
+
+    @property
+    def controlnet(self) -> ControlNetModel | list[ControlNetModel] | None:
+        """The ControlNet (or the list of them) every call uses; None: no ControlNet. Setting it checks that each
+        net fits the UNet (a ModelFileError names the file of one that does not, and nothing changes)."""
+        nets = self._controlnets
+        return None if not nets else nets[0] if len(nets) == 1 and not self._controlnet_list else list(nets)
+
+    @controlnet.setter
+    def controlnet(self, value: ControlNetModel | list[ControlNetModel] | None) -> None:
+        nets = as_net_list(value)
+        for net in nets:
+            check_controlnet_fits(net, self.unet)
+        self._controlnets = nets
+        self._controlnet_list = isinstance(value, (list, tuple))
+        for net in nets:
+            if self._fast_paths.backend != "openvino":
+                net.set_fast_paths(self._fast_paths)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Components, loading, saving, devices
@@ -96,12 +121,20 @@ class PipelineComponents:
     ) -> PipelineComponents:
         """Load a diffusers-layout folder. Keyword components (`scheduler=...`, `safety_checker=None`) replace the folder's.
 
-        `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way). `fast_paths`
+        `controlnet=` takes ControlNetModels or their sources (folders, single files, hub ids; a list for
+        several). `dtype` is accepted as a synonym of `torch_dtype` (newer diffusers spell it that way). `fast_paths`
         (`lcmkit.runtime.FastPaths`, default `FastPaths.default()`) picks the fast paths the models take;
         `fast=True` is `fast_paths=FastPaths.fast()`, the OpenVINO fast mode.
         """
         fast_paths = FastPaths.chosen(fast, fast_paths)
         torch_dtype = torch_dtype or dtype
+        controlnet = components.pop("controlnet", None)
+        if isinstance(controlnet, (str, Path)) or (
+            isinstance(controlnet, (list, tuple)) and any(isinstance(c, (str, Path)) for c in controlnet)
+        ):  # folders, single files or hub ids: loaded here, in the pipeline's dtype
+            sources = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+            loaded_nets = [load_controlnet(c, torch_dtype=torch_dtype) for c in sources]
+            controlnet = loaded_nets if isinstance(controlnet, (list, tuple)) else loaded_nets[0]
         hub_kwargs = {k: components.pop(k) for k in HUB_KWARGS if k in components}
         # components the caller supplies (or disables with None) are not downloaded
         folder = resolve_pretrained(
@@ -110,16 +143,16 @@ class PipelineComponents:
         loaded, index = load_components(folder, torch_dtype, variant, components)
         if requires_safety_checker is None:
             requires_safety_checker = bool(index.get("requires_safety_checker", True))
-        pipe = cls(**loaded, requires_safety_checker=requires_safety_checker)
+        pipe = cls(**loaded, requires_safety_checker=requires_safety_checker, controlnet=controlnet)
         if fast_paths is not None:
             pipe.set_fast_paths(fast_paths)
         return pipe
 
     @classmethod
     def from_pipe(cls, pipe: PipelineComponents, **overrides: Any) -> PipelineComponents:
-        """Build this pipeline kind from another one's components, without copying weights; the models keep the
-        fast paths they run, and the new pipeline reports the same `fast_paths`."""
-        comps = {**pipe.components, **overrides}
+        """Build this pipeline kind from another one's components (and its ControlNets), without copying weights;
+        the models keep the fast paths they run, and the new pipeline reports the same `fast_paths`."""
+        comps = {**pipe.components, "controlnet": pipe.controlnet, **overrides}
         new = cls(**comps, requires_safety_checker=pipe.requires_safety_checker)
         new._fast_paths = pipe.fast_paths
         return new
@@ -141,7 +174,14 @@ class PipelineComponents:
     def _modules(self) -> list[torch.nn.Module]:
         return [
             m
-            for m in (self.unet, self.vae, self.text_encoder, self.safety_checker, self.image_encoder)
+            for m in (
+                self.unet,
+                self.vae,
+                self.text_encoder,
+                self.safety_checker,
+                self.image_encoder,
+                *self._controlnets,
+            )
             if isinstance(m, torch.nn.Module)
         ]
 
@@ -211,7 +251,7 @@ class PipelineComponents:
                 f"backend={fast_paths.backend!r}: this pipeline's models were replaced by OpenVINO graphs "
                 "(backend 'openvino'); load the pipeline again to run it in torch"
             )
-        for model in (self.unet, self.vae):
+        for model in (self.unet, self.vae, *self._controlnets):
             if hasattr(model, "set_fast_paths"):
                 model.set_fast_paths(fast_paths)
             elif isinstance(model, torch.nn.Module):  # e.g. AutoencoderTiny: its convolutions, if any

@@ -120,8 +120,15 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
         preset: str | None = None,
         ip_adapter_image: Any = None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
+        """Image to image. With a ControlNet set, `control_image` holds its image(s), one per net, resized to the
+        input image's size (see `lcmkit.pipelines.control`)."""
         legacy_callback, legacy_steps = pop_legacy_callback(kwargs)
         num_inference_steps, timesteps, guidance_scale = self._use_preset(
             preset, num_inference_steps, timesteps, guidance_scale
@@ -171,6 +178,13 @@ class LatentConsistencyModelImg2ImgPipeline(LCMPipelineBase):
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             check_more=check_image,
+            control=dict(
+                control_image=control_image,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start,
+                control_guidance_end=control_guidance_end,
+                guess_mode=guess_mode,
+            ),
         )
 
     def get_timesteps(

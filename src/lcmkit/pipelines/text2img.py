@@ -9,6 +9,7 @@ import torch
 
 from lcmkit.pipelines.checks import Generator, check_generator, pop_legacy_callback
 from lcmkit.pipelines.common import LCMPipelineBase
+from lcmkit.pipelines.control import control_image_size
 from lcmkit.pipelines.output import StableDiffusionPipelineOutput
 from lcmkit.schedulers.randn import randn_like_reference
 
@@ -73,12 +74,31 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
         preset: str | None = None,
         ip_adapter_image: Any = None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
+        image: Any = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
+        """Text to image. With a ControlNet set (`controlnet=` at load, or `pipe.controlnet`), `control_image`
+        (or `image`, diffusers' ControlNet pipeline's name) holds its image(s), one per net; the output takes the
+        first control image's size unless `height`/`width` are given (see `lcmkit.pipelines.control`)."""
         legacy_callback, legacy_steps = pop_legacy_callback(kwargs)
         num_inference_steps, timesteps, guidance_scale = self._use_preset(
             preset, num_inference_steps, timesteps, guidance_scale
         )
+        if image is not None and control_image is not None:
+            raise ValueError("pass the ControlNet image as `control_image` or as `image`, not both")
+        control_image = control_image if control_image is not None else image
+        if self._controlnets and control_image is not None and latents is None:
+            # as diffusers' ControlNet pipeline: the size of the (first) control image, unless given
+            first = control_image
+            while len(self._controlnets) > 1 and isinstance(first, (list, tuple)) and first:
+                first = first[0]  # the first net's image (or, nested, the first prompt's)
+            size = control_image_size(first, self.vae_scale_factor)
+            height, width = height or size[0], width or size[1]
         # sizes default to the UNet's sample size in pixels
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -115,4 +135,11 @@ class LatentConsistencyModelPipeline(LCMPipelineBase):
             start_latents=start_latents,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
+            control=dict(
+                control_image=control_image,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start,
+                control_guidance_end=control_guidance_end,
+                guess_mode=guess_mode,
+            ),
         )
