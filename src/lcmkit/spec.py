@@ -29,7 +29,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-lcm"
 """The trained tiny model shipped with lcmkit; what a spec without `model` loads."""
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 OPENVINO_PRECISIONS = ("fp32", "int8-weights")  # lcmkit.accel.per_shape.DATA_FREE_PRECISIONS, without torch
-FAST_PRECISIONS = ("auto", "fp32", "bf16", "int8-weights")  # lcmkit.accel.cpu.FAST_PRECISIONS, without torch
+FAST_PRECISIONS = (
+    "auto",
+    "fp32",
+    "bf16",
+    "int8-weights",
+    "int8",
+)  # lcmkit.accel.cpu.FAST_PRECISIONS, without torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FREEU_SD15 = (0.9, 0.2, 1.5, 1.6)  # s1, s2, b1, b2 recommended for SD1.5 by the FreeU authors
 _DEVICE = re.compile(r"[a-z][a-z0-9_]*(:\d+)?")

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from lcmkit.accel.cpu import PrecisionRule, resolve_precision
-from lcmkit.accel.graphs import check_threads, import_nncf, import_openvino
-from lcmkit.accel.openvino import check_unet
+from lcmkit.accel.graphs import NEEDS_NNCF, check_threads, import_nncf, import_openvino
+from lcmkit.accel.openvino import LazyUNetInputs, UNetInputs, check_unet, collect_unet_inputs, openvino_unet
 from lcmkit.accel.per_shape import OpenVINOUNetPerShape, default_cache_dir
 from lcmkit.accel.text_encoder import OpenVINOTextEncoder
 from lcmkit.accel.vae_decoder import OpenVINOVAEDecoder
@@ -36,8 +36,37 @@ from lcmkit.nn.lora import lora_layers
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = {"fp32": "fp32", "bf16": "fp32", "int8-weights": "int8-weights"}  # the IR's weights per precision
-INFERENCE = {"fp32": "f32", "bf16": "bf16", "int8-weights": "f32"}  # OpenVINO's arithmetic per precision
+
+@dataclass(frozen=True)
+class Plan:
+    """What one fast-mode precision runs: `weights` (the IR's weights) and `inference` (OpenVINO's arithmetic) for
+    the text encoder, the VAE decoder and UNet sizes met later; `unet` for the UNet at the size `enable_fast`
+    compiles (calibrated there when it quantizes activations)."""
+
+    weights: str
+    inference: str
+    unet: str
+
+
+# bf16 arithmetic rounds the weights to 8 significant bits anyway, so storing them as float16 (11 bits) first changes
+# little (only weights below float16's normal range, |w| < 6e-5, lose relative precision, and they add little) and
+# halves the IR, its compiled blob, and the pages read at load.
+PLANS = {
+    "fp32": Plan("fp32", "f32", "fp32"),
+    "bf16": Plan("fp16-weights", "bf16", "fp16-weights"),
+    "int8-weights": Plan("int8-weights", "f32", "int8-weights"),
+    "int8": Plan("fp16-weights", "bf16", "int8"),
+}
+
+# The int8 UNet's calibration recipe: these prompts, seeds 0.., the steps and guidance of a default call, at the
+# compiled size. Data, part of the cache key: change it and the int8 graph is calibrated again.
+CALIBRATION_PROMPTS = (
+    "a photo of a cat sitting on a windowsill, soft light",
+    "a landscape painting of mountains and a lake at sunset",
+    "portrait of an old man, studio lighting, detailed",
+    "a red sports car on a city street at night, neon",
+)
+CALIBRATION_STEPS, CALIBRATION_GUIDANCE = 4, 8.0
 
 
 @dataclass
@@ -48,13 +77,14 @@ class FastMode:
     reason: str
     cache_dir: Path
     unet: OpenVINOUNetPerShape
+    unet_precision: str
     text_encoder: OpenVINOTextEncoder | None
     vae_decoder: OpenVINOVAEDecoder | None
     seconds: float
 
     def describe(self) -> str:
         parts = [
-            "unet",
+            f"unet ({self.unet_precision} at the first size)",
             *(["text encoder"] if self.text_encoder else []),
             *(["vae decoder"] if self.vae_decoder else []),
         ]
@@ -101,7 +131,8 @@ def enable_fast(
     """
     rule: PrecisionRule = resolve_precision(precision, flags)
     ov = import_openvino()  # a missing package fails here, before any work
-    if WEIGHTS[rule.precision] != "fp32":
+    plan = PLANS[rule.precision]
+    if plan.weights in NEEDS_NNCF or plan.unet in NEEDS_NNCF:
         import_nncf()
     _check_pipe(pipe)
     check_threads(threads)
@@ -117,8 +148,8 @@ def enable_fast(
     started = time.perf_counter()
     if _fuse_loras(pipe):
         logger.info("fast mode: LoRA adapters fused into the weights before conversion")
-    options = dict(precision=WEIGHTS[rule.precision], cache_dir=cache, threads=threads, sampled_key=True)
-    inference = INFERENCE[rule.precision]
+    options = dict(precision=plan.weights, cache_dir=cache, threads=threads, sampled_key=True)
+    inference = plan.inference
     tokens = pipe.tokenizer.model_max_length if pipe.tokenizer is not None else 77
 
     text_encoder = None
@@ -128,7 +159,10 @@ def enable_fast(
     unet = OpenVINOUNetPerShape(
         pipe.unet, vae_scale_factor=factor, batch_size=batch, inference=inference, **options
     )
-    unet.prepare(height // factor, width // factor, tokens, batch)
+    if plan.unet == plan.weights:
+        unet.prepare(height // factor, width // factor, tokens, batch)
+    else:
+        unet.add(_calibrated_unet(pipe, plan, height, width, tokens, batch, cache, threads))
     pipe.unet = unet
     decoder = None
     if isinstance(pipe.vae, AutoencoderKL):
@@ -140,9 +174,46 @@ def enable_fast(
         reason=rule.why,
         cache_dir=cache,
         unet=unet,
+        unet_precision=plan.unet,
         text_encoder=text_encoder,
         vae_decoder=decoder,
         seconds=time.perf_counter() - started,
     )
     logger.info("fast mode: %s", mode.describe())
     return mode
+
+
+def _calibrated_unet(
+    pipe: Any, plan: Plan, height: int, width: int, tokens: int, batch: int, cache: Path, threads: int | None
+) -> Any:
+    """The UNet at `plan.unet` (activations quantized) for this size, calibrated on the UNet inputs of
+    `CALIBRATION_PROMPTS` through this pipeline, recorded only when the graph is not in the cache yet."""
+    recipe = (
+        f"prompts={CALIBRATION_PROMPTS!r} seeds=0.. steps={CALIBRATION_STEPS} guidance={CALIBRATION_GUIDANCE} "
+        f"size={height}x{width}"
+    )
+
+    def record() -> list[UNetInputs]:
+        return collect_unet_inputs(
+            pipe,
+            CALIBRATION_PROMPTS,
+            num_inference_steps=CALIBRATION_STEPS,
+            guidance_scale=CALIBRATION_GUIDANCE,
+            height=height,
+            width=width,
+        )
+
+    return openvino_unet(
+        pipe.unet,
+        batch_size=batch,
+        height=height,
+        width=width,
+        precision=plan.unet,
+        calibration=LazyUNetInputs(recipe, record),
+        cache_dir=cache,
+        threads=threads,
+        text_tokens=tokens,
+        vae_scale_factor=pipe.vae_scale_factor,
+        inference=plan.inference,
+        sampled_key=True,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from lcmkit.io.paging import release_file_pages
 from lcmkit.loading.paging import release_weight_pages
 from lcmkit.nn.lora import lora_layers
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8-weights", "int8-hybrid", "int8")
+PRECISIONS = ("fp32", "fp16-weights", "int8-weights", "int8-hybrid", "int8")
 NEEDS_CALIBRATION = ("int8-hybrid", "int8")  # they quantize activations: calibration inputs required
+NEEDS_NNCF = ("int8-weights", "int8-hybrid", "int8")  # "fp16-weights" is OpenVINO's own compression on save
 DATA_FREE_PRECISIONS = tuple(p for p in PRECISIONS if p not in NEEDS_CALIBRATION)
 INSTALL_HINT = "pip install openvino nncf"
 
@@ -119,11 +122,29 @@ def _windows(flat: torch.Tensor) -> list[torch.Tensor]:
     return [flat[:SAMPLE_WINDOW], flat[middle : middle + SAMPLE_WINDOW], flat[-SAMPLE_WINDOW:]]
 
 
-def precision_digest(graph: str, precision: str, calibration: list[list[np.ndarray]] | None) -> str:
-    """The fp32 digest extended by what quantization depends on: the precision, NNCF's version, the data."""
+@dataclass
+class LazyCalibration:
+    """Calibration data made only when a quantized graph must be built, named by `key`: the recipe that makes it
+    (prompts, seeds, steps, size). Given the weights (which the graph digest covers) the recipe fixes the data, so
+    a warm cache is found without running the model to record it."""
+
+    key: str
+    make: Callable[[], list[list[np.ndarray]]]
+
+
+Calibration = list[list[np.ndarray]] | LazyCalibration | None
+
+
+def precision_digest(graph: str, precision: str, calibration: Calibration) -> str:
+    """The fp32 digest extended by what quantization depends on: the precision, NNCF's version, the data (or the
+    recipe of lazily made data)."""
     if precision == "fp32":
         return graph
-    h = hashlib.blake2b(f"{graph}\n{precision}\n{import_nncf().__version__}".encode(), digest_size=16)
+    tool = import_nncf().__version__ if precision in NEEDS_NNCF else "openvino"
+    h = hashlib.blake2b(f"{graph}\n{precision}\n{tool}".encode(), digest_size=16)
+    if isinstance(calibration, LazyCalibration):
+        h.update(f"recipe\n{calibration.key}".encode())
+        return h.hexdigest()
     for batch in calibration or []:
         for array in batch:
             h.update(np.ascontiguousarray(array))
@@ -134,7 +155,7 @@ def load_or_build(
     ov: Any,
     source: GraphSource,
     precision: str,
-    calibration: list[list[np.ndarray]] | None,
+    calibration: Calibration,
     cache_dir: Path | None,
     *,
     detach: bool = False,
@@ -150,7 +171,7 @@ def load_or_build(
     for that file without reading the graph's weights into memory."""
     core = ov.Core()
     if cache_dir is None:
-        return quantize(convert(ov, source), precision, calibration)
+        return quantize(convert(ov, source), precision, _data(calibration))
     graph = graph_digest(source)
     # The digest read every eager weight into memory; OpenVINO works from its own copy from here on, so hand the
     # memory-mapped pages back (they are read again if this module is ever converted or run eagerly).
@@ -170,11 +191,18 @@ def load_or_build(
             model = core.read_model(fp32_path)
             release_weight_pages(source.module)
     if precision != "fp32":
-        model = quantize(model, precision, calibration)
-        ov.save_model(model, path, compress_to_fp16=False)
+        model = quantize(model, precision, _data(calibration))
+        ov.save_model(model, path, compress_to_fp16=precision == "fp16-weights")
     if as_path:
         return str(path)
     return core.read_model(path) if detach else model
+
+
+def _data(calibration: Calibration) -> list[list[np.ndarray]] | None:
+    if isinstance(calibration, LazyCalibration):
+        logger.info("recording calibration inputs (%s)", calibration.key)
+        return calibration.make()
+    return calibration
 
 
 def convert(ov: Any, source: GraphSource) -> Any:
@@ -214,9 +242,29 @@ def compile_graph(
     props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference}
     if threads is not None:
         props["INFERENCE_NUM_THREADS"] = threads
-    if cache_dir is not None:
-        props["CACHE_DIR"] = str(Path(cache_dir) / "compiled")
-    return ov.Core().compile_model(model, "CPU", props)
+    if cache_dir is None:
+        return _compile(ov, model, props)
+    props["CACHE_DIR"] = str(Path(cache_dir) / "compiled")
+    compiled = _compile(ov, model, props)
+    # The compiled model holds its own packed weights; the pages of the blob (or IR) it was read from only cost
+    # memory now, as much again as the weights. Released pages map again from the page cache if ever read.
+    released = release_file_pages(cache_dir)
+    logger.debug("released %.0f MB of cache file pages after compiling", released / 2**20)
+    return compiled
+
+
+def _compile(ov: Any, model: Any, props: dict[str, Any]) -> Any:
+    try:
+        return ov.Core().compile_model(model, "CPU", props)
+    except RuntimeError as err:
+        # OpenVINO 2026.4's CPU plugin can fail to fit a fused int8 subgraph ("snippet") into the registers it has
+        # (seen on a small int8 UNet with one thread); the same graph compiles with those fusions off.
+        if "snippets" not in str(err):
+            raise
+        logger.warning(
+            "OpenVINO could not compile a fused subgraph (%s); compiling without them", str(err)[-120:]
+        )
+        return ov.Core().compile_model(model, "CPU", {**props, "SNIPPETS_MODE": "DISABLE"})
 
 
 def check_threads(threads: int | None) -> None:
@@ -225,7 +273,9 @@ def check_threads(threads: int | None) -> None:
 
 
 def quantize(model: Any, precision: str, calibration: list[list[np.ndarray]] | None) -> Any:
-    if precision == "fp32":
+    """`model` at `precision`. "fp16-weights" is applied when the IR is saved (`ov.save_model(compress_to_fp16=)`),
+    so without a cache folder its weights stay float32."""
+    if precision in ("fp32", "fp16-weights"):
         return model
     nncf = import_nncf()
     if precision == "int8-weights":

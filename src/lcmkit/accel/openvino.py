@@ -13,6 +13,8 @@ What is baked into the graph, and so fixed after conversion:
 
 Precisions (`precision=`):
 - "fp32": the same arithmetic as eager up to rounding (max abs diff ~1e-6 on random weights).
+- "fp16-weights": the IR stores the weights as float16 (half the file, half the compiled blob); OpenVINO widens
+  them for its arithmetic. What the fast mode's bf16 precision uses: bf16 arithmetic rounds the weights further.
 - "int8-weights": NNCF `compress_weights` INT8_ASYM; weights stored as int8 (4x smaller), activations stay float.
 - "int8-hybrid": int8 weights for every MatMul, full int8 (weights and activations) for convolutions: the
   scheme optimum-intel applies to diffusion UNets; the attention and feed-forward activations stay float.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,11 @@ from lcmkit.accel.graphs import (  # re-exported
     DATA_FREE_PRECISIONS,
     INSTALL_HINT,
     NEEDS_CALIBRATION,
+    NEEDS_NNCF,
     PRECISIONS,
     Float32OnCPU,
     GraphSource,
+    LazyCalibration,
     check_threads,
     compile_graph,
     import_nncf,
@@ -64,6 +68,7 @@ __all__ = [
     "PRECISIONS",
     "OpenVINOStandIn",
     "OpenVINOUNet",
+    "LazyUNetInputs",
     "UNetInputs",
     "check_unet",
     "collect_unet_inputs",
@@ -352,7 +357,7 @@ def openvino_unet(
     height: int | None = None,
     width: int | None = None,
     precision: str = "fp32",
-    calibration: Sequence[UNetInputs] | None = None,
+    calibration: Sequence[UNetInputs] | LazyUNetInputs | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     text_tokens: int = 77,
@@ -367,14 +372,15 @@ def openvino_unet(
     (default: all cores). With `cache_dir`, the converted graphs (fp32, and the quantized one) are saved there as
     IR named by a digest of the weights, shapes, precision and calibration data, and read back instead of
     converting again (the fp32 IR also serves later precisions); compiled blobs are cached there too.
-    `calibration` (for "int8" and "int8-hybrid") are recorded UNet inputs, e.g. from `collect_unet_inputs`.
+    `calibration` (for "int8" and "int8-hybrid") are recorded UNet inputs, e.g. from `collect_unet_inputs`, or a
+    `LazyUNetInputs` that records them only when the quantized graph is not in the cache yet.
     `inference` is OpenVINO's arithmetic ("f32", or "bf16" on CPUs with bf16 units) and `sampled_key` names the
     cache entry by a sample of the weights (see `GraphSource`): both are what the fast mode (`enable_fast`) sets.
     """
     ov = import_openvino()
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {list(PRECISIONS)}")
-    if precision != "fp32":
+    if precision in NEEDS_NNCF:
         import_nncf()
     check_unet(unet)
     config = unet.config
@@ -387,14 +393,18 @@ def openvino_unet(
     check_threads(threads)
     latent = (height // vae_scale_factor, width // vae_scale_factor)
     shapes = unet_input_shapes(config, batch_size, *latent, text_tokens)
-    batches = None
+    batches: Any = None
     if precision in NEEDS_CALIBRATION:
         if not calibration:
             raise ValueError(
                 f"precision={precision!r} quantizes activations and needs calibration=[UNetInputs, ...] of real "
                 "inputs; record some with collect_unet_inputs(pipe, prompts)"
             )
-        batches = _calibration_batches(calibration, shapes)
+        if isinstance(calibration, LazyUNetInputs):
+            record = calibration.record
+            batches = LazyCalibration(calibration.key, lambda: _calibration_batches(record(), shapes))
+        else:
+            batches = _calibration_batches(calibration, shapes)
 
     started = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -410,6 +420,15 @@ def openvino_unet(
         text_tokens=text_tokens,
         precision=precision,
     )
+
+
+@dataclass
+class LazyUNetInputs:
+    """Calibration inputs recorded by `record()` only when needed, named by `key` (the recipe: prompts, seeds,
+    steps, guidance, size), which names the quantized graph's cache entry instead of the recorded data."""
+
+    key: str
+    record: Callable[[], list[UNetInputs]]
 
 
 class _Recorder:

@@ -6,7 +6,7 @@ server take whatever size each request names, so they install `OpenVINOUNetPerSh
 time a call has that shape (cached on disk with `cache_dir`, so a restart reads the IR back), and sends every
 later call of that shape to the compiled graph. Batches of any size run as batch-1 compiled calls.
 
-Only the data-free precisions are offered here ("fp32", "int8-weights"): the activation-quantizing ones need
+Only the data-free precisions are offered here ("fp32", "fp16-weights", "int8-weights"): the activation-quantizing ones need
 calibration inputs recorded at the size they will run at (see `openvino_unet(calibration=...)`).
 """
 
@@ -102,6 +102,11 @@ class OpenVINOUNetPerShape(OpenVINOStandIn):
                 sampled_key=self.sampled_key,
             )
         return self._compiled[key]
+
+    def add(self, graph: OpenVINOUNet) -> None:
+        """Send calls of `graph`'s shape to it (an int8 graph calibrated for that size, say) instead of converting."""
+        h, w = graph.latent_size
+        self._compiled[(graph.batch_size, h, w, graph.text_tokens)] = graph
 
     def forward(
         self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kwargs: Any

@@ -23,7 +23,7 @@ the encoder's parameters), slicing and tiling. What that costs: the converted VA
 `save_pretrained`) refuses, since the decoder's weights are gone; save before converting. What the conversion
 fixes: the weights and `enable_subpixel_upsampling()` / `disable_...` as they were (later switches do nothing).
 
-Only the data-free precisions are offered ("fp32", "int8-weights"), as in the UNet's per-shape stand-in.
+Only the data-free precisions are offered ("fp32", "fp16-weights", "int8-weights"), as in the UNet's per-shape stand-in.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class OpenVINOVAEDecoder(nn.Module):
                 f"{list(graphs.DATA_FREE_PRECISIONS)}"
             )
         ov = graphs.import_openvino()  # a missing package fails here, before any work
-        if precision != "fp32":
+        if precision in graphs.NEEDS_NNCF:
             graphs.import_nncf()
         _check_vae(vae)
         graphs.check_threads(threads)

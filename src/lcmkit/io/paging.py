@@ -112,8 +112,12 @@ def release_weight_pages(*modules: object) -> int:
     The weights stay valid: the next read of a released page maps it again from the page cache (or the file).
     Safe to call on anything: modules with in-memory weights, None, or on a system without pagemap return 0.
     """
+    return _release(weight_ranges(modules))
+
+
+def _release(ranges: list[tuple[int, int]]) -> int:
+    """madvise(DONTNEED) the present, file-backed pages within `ranges`; returns the bytes released."""
     madvise = _madvise()
-    ranges = weight_ranges(modules)
     if madvise is None or not ranges:
         return 0
     released = 0
@@ -126,6 +130,30 @@ def release_weight_pages(*modules: object) -> int:
                     else:
                         logger.debug("madvise failed on %#x-%#x: %s", a, b, os.strerror(ctypes.get_errno()))
     except OSError as e:  # no pagemap (some sandboxes): paging is an optimisation, never an error
-        logger.debug("weight paging unavailable: %s", e)
+        logger.debug("page release unavailable: %s", e)
         return 0
     return released
+
+
+def mapped_file_ranges(folder: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of files under `folder` (from `/proc/self/maps`)."""
+    prefix = os.path.join(os.path.realpath(folder), "")
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n").startswith(prefix):
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        return []
+    return ranges
+
+
+def release_file_pages(folder: str | os.PathLike[str]) -> int:
+    """Release the resident, unmodified pages of every file under `folder` that this process has mapped; returns the
+    bytes released. OpenVINO maps a cached compiled model (its blob) to import it, then keeps its own packed copy of
+    the weights, so the blob's pages only cost memory afterwards; a later read maps them again from the page cache.
+    """
+    return _release(mapped_file_ranges(folder))
