@@ -244,7 +244,7 @@ def test_extension_routes(client: TestClient) -> None:
     )
     edges = PIL.Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     np.testing.assert_array_equal(np.asarray(edges), np.asarray(canny(picture())))
-    assert client.post("/controlnet/detect", json={"controlnet_module": "openpose"}).status_code == 400
+    assert client.post("/controlnet/detect", json={"controlnet_module": "openpose"}).status_code == 422
 
 
 def test_without_nets_enabled_units_are_refused_and_disabled_ones_ignored() -> None:

@@ -28,9 +28,11 @@ Unit fields:
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import PIL.Image
 from fastapi import APIRouter, HTTPException
@@ -344,7 +346,7 @@ def alwayson_schema(settings: Settings) -> dict[str, Any]:
 
 
 class DetectRequest(RequestBody):
-    controlnet_module: str = "none"
+    controlnet_module: Literal["none", "canny"] = "none"
     controlnet_input_images: list[str] = Field(default_factory=list, max_length=4)
     controlnet_processor_res: int = 512
     controlnet_threshold_a: float = -1
@@ -352,9 +354,6 @@ class DetectRequest(RequestBody):
 
 
 def _detect(body: DetectRequest, settings: Settings) -> dict[str, Any]:
-    from lcmkit.request import GeneratedImage
-    from lcmkit.server.schemas import encode_image
-
     unit = ControlNetUnit(
         module=body.controlnet_module,
         threshold_a=body.controlnet_threshold_a,
@@ -373,7 +372,9 @@ def _detect(body: DetectRequest, settings: Settings) -> dict[str, Any]:
         w, h = images.fit_size(picture.size, None, None, settings, name)
         picture = picture.resize((w, h), PIL.Image.Resampling.LANCZOS) if picture.size != (w, h) else picture
         made = canny(picture, low, high) if module == "canny" else picture
-        out.append(encode_image(GeneratedImage(made, 0, ""), "png"))
+        buf = io.BytesIO()
+        made.save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
     return {"images": out, "info": "Success"}
 
 
