@@ -328,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=_arg(parse_int, "--port", 1, 65535), default=7860, help="the port to listen on"
     )
+    p.add_argument("--controlnet", dest="serve_controlnet", action="append", default=[],
+                   type=_arg(parse_controlnet), metavar="KIND=PATH_OR_ID",
+                   help="load a ControlNet for the A1111 routes' alwayson_scripts.controlnet units and the page's "
+                   "control image (a diffusers folder, an original .safetensors/.pth file or a hub id); repeatable. "
+                   "Loaded and checked against the UNet before the server listens; exact mode only")  # fmt: skip
     p.add_argument("--api-key", default=None, help="require this key; default: $LCMKIT_API_KEY if set")
     p.add_argument("--limit", action="append", default=[], type=_arg(parse_limit), metavar="NAME=VALUE",
                    help="a server limit such as max_steps=8; repeatable")  # fmt: skip
@@ -545,7 +550,8 @@ def control_units(args: argparse.Namespace) -> list[Any]:
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model options as a `ModelSpec` (the one `lcmkit serve` builds too); mistakes are `SpecError`s."""
     return ModelSpec(
-        controlnets=tuple((u.kind, u.source) for u in getattr(args, "control_units", [])),
+        controlnets=tuple((u.kind, u.source) for u in getattr(args, "control_units", []))
+        or tuple(getattr(args, "serve_controlnet", ())),
         model=args.model,
         loras=tuple(args.lora),
         tiny_vae=args.tiny_vae,
@@ -690,7 +696,8 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
 
     options = dict(args.limit)
     allowed = sorted(
-        {f.name for f in fields(Settings)} - {"api_key", "model_name", "vae_name", "unsupported"}
+        {f.name for f in fields(Settings)}
+        - {"api_key", "model_name", "vae_name", "unsupported", "controlnets"}
     )
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -33,6 +33,8 @@ CONTROL_MODELS: dict[str, str] = {
 }
 # kinds whose control image is computed here from an ordinary picture; every other kind takes the image as given
 COMPUTED_KINDS = ("canny",)
+# preprocessors a ControlUnit can run (A1111's module names): None = the kind's own, "none" = the image as it is
+MODULES = (None, "none", "canny")
 
 
 def _gaussian_blur(gray: np.ndarray, sigma: float) -> np.ndarray:
@@ -154,7 +156,11 @@ def check_control_settings(kind: str, scale: float = 1.0, start: float = 0.0, en
 @dataclass(frozen=True)
 class ControlUnit:
     """One ControlNet of a request, as the CLI (`--control`) and a server fill it: its kind, the user's picture,
-    its weight and the fractions of the steps it acts in, and the model (None: `CONTROL_MODELS[kind]`)."""
+    its weight and the fractions of the steps it acts in, and the model (None: `CONTROL_MODELS[kind]`).
+
+    `module` is the preprocessor (A1111's name): None runs the kind's own (`control_image_for`), "none" takes the
+    image as it is, "canny" computes edges between the thresholds `low` and `high` whatever the kind.
+    """
 
     kind: str
     image: PIL.Image.Image
@@ -162,6 +168,9 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     model: str | None = None
+    module: str | None = None
+    low: float = 100.0
+    high: float = 200.0
 
     def __post_init__(self) -> None:
         if self.kind not in CONTROL_MODELS:
@@ -177,6 +186,20 @@ class ControlUnit:
                 f"control {self.kind}: start={self.start:g}, end={self.end:g}; need 0 <= start < end <= 1 "
                 "(fractions of the steps)"
             )
+        if self.module not in MODULES:
+            raise ValueError(
+                f"control module must be one of {[m for m in MODULES if m]}, got {self.module!r}"
+            )
+        if not 0 <= self.low <= self.high:
+            raise ValueError(f"canny thresholds need 0 <= low <= high, got low={self.low}, high={self.high}")
+
+    def control_image(self) -> PIL.Image.Image:
+        """The image the ControlNet reads, made by `module`."""
+        if self.module == "none":
+            return self.image.convert("RGB")
+        if self.module == "canny":
+            return canny(self.image, self.low, self.high)
+        return control_image_for(self.kind, self.image)
 
     @property
     def source(self) -> str:
@@ -184,15 +207,22 @@ class ControlUnit:
         return self.model or CONTROL_MODELS[self.kind]
 
 
-def control_call_kwargs(units: Sequence[ControlUnit]) -> dict[str, Any]:
+def control_call_kwargs(units: Sequence[ControlUnit | None]) -> dict[str, Any]:
     """The pipeline call's ControlNet arguments for `units` (in the order the pipeline's nets were set), with each
-    control image made (`control_image_for`); {} for none."""
+    control image made (`ControlUnit.control_image`); {} for none.
+
+    A None entry turns its net off for this call (a server keeps every net loaded while a request uses some): it
+    gets a blank 8x8 image at weight 0, and a net at weight 0 is not even run (`ControlRun` skips it), so the
+    image is the one the pipeline makes without that net. Give the call its height and width then: the pipeline
+    otherwise takes the size of the first control image.
+    """
     if not units:
         return {}
-    images = [control_image_for(u.kind, u.image) for u in units]
+    off = PIL.Image.new("RGB", (8, 8))
+    images = [off if u is None else u.control_image() for u in units]
     return dict(
         control_image=images if len(images) > 1 else images[0],
-        controlnet_conditioning_scale=[float(u.scale) for u in units],
-        control_guidance_start=[float(u.start) for u in units],
-        control_guidance_end=[float(u.end) for u in units],
+        controlnet_conditioning_scale=[0.0 if u is None else float(u.scale) for u in units],
+        control_guidance_start=[0.0 if u is None else float(u.start) for u in units],
+        control_guidance_end=[1.0 if u is None else float(u.end) for u in units],
     )

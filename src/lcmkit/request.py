@@ -17,6 +17,7 @@ from typing import Any
 import PIL.Image
 
 from lcmkit import __version__
+from lcmkit.control import ControlUnit, control_call_kwargs
 
 MAX_SEED = 2**32 - 1
 
@@ -37,6 +38,9 @@ class GenerationRequest:
     strength: float = 0.8
     original_inference_steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # one entry per ControlNet of the pipeline, in its order (None: that net is off for this request); the server
+    # fills it, the CLI passes its control arguments in `extra` instead (its nets are exactly its units)
+    controls: tuple[ControlUnit | None, ...] = ()
 
     @property
     def is_img2img(self) -> bool:
@@ -185,6 +189,8 @@ def infotext(
         params.append(("Preset", req.extra["preset"]))
     if req.extra.get("clip_skip"):  # A1111 counts the last layer as 1: diffusers' clip_skip k is its k + 1
         params.append(("Clip skip", req.extra["clip_skip"] + 1))
+    used = [u for u in req.controls if u is not None]
+    params += [(f"ControlNet {i}", f'"{control_infotext(u)}"') for i, u in enumerate(used)]
     params.append(("Version", f"lcmkit {__version__}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in params))
     return "\n".join(lines)
@@ -192,6 +198,51 @@ def infotext(
 
 def _num(x: float) -> str:
     return f"{x:g}"
+
+
+_UNSAFE = re.compile(r'[,:"\n]')  # would end an infotext field or its quoted value
+
+
+def control_infotext(unit: ControlUnit) -> str:
+    """One ControlNet unit as sd-webui-controlnet writes it into the infotext (its `ControlNet N` value), without
+    the commas and colons that would break the format."""
+    module = unit.module or ("canny" if unit.kind == "canny" else "none")
+    fields = [("Module", module), ("Model", unit.model or unit.source), ("Weight", _num(unit.scale))]
+    if module == "canny":
+        fields += [("Threshold A", _num(unit.low)), ("Threshold B", _num(unit.high))]
+    fields += [
+        ("Guidance Start", _num(unit.start)),
+        ("Guidance End", _num(unit.end)),
+        ("Control Mode", "Balanced"),
+    ]
+    return ", ".join(f"{k}: {_UNSAFE.sub(' ', str(v))}" for k, v in fields)
+
+
+def _nets(pipe: Any) -> int:
+    """How many ControlNets `pipe` runs (0 for a pipeline without the attribute, such as a test double)."""
+    nets = getattr(pipe, "controlnet", None)
+    return 0 if nets is None else len(nets) if isinstance(nets, list | tuple) else 1
+
+
+def _size(pipe: Any, req: GenerationRequest) -> tuple[int | None, int | None]:
+    """The call's width and height: the request's; with ControlNets set, the model's own size where the request
+    gives none (the pipeline would otherwise take the size of a control image)."""
+    if not _nets(pipe) or (req.width and req.height):
+        return req.width, req.height
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return req.width or native, req.height or native
+
+
+def _control_kwargs(pipe: Any, req: GenerationRequest) -> dict[str, Any]:
+    """`req.controls` as the call's ControlNet arguments, one entry per net of `pipe` (the missing ones off)."""
+    nets = _nets(pipe)
+    if "control_image" in req.extra or (not nets and not req.controls):
+        return {}
+    if len(req.controls) > nets:
+        raise ValueError(
+            f"the request has {len(req.controls)} control units; the pipeline has {nets} ControlNet(s)"
+        )
+    return control_call_kwargs([*req.controls, *[None] * (nets - len(req.controls))])
 
 
 def _call_kwargs(runner: Any, req: GenerationRequest, generators: list, callback: Callable | None) -> dict:
@@ -203,6 +254,7 @@ def _call_kwargs(runner: Any, req: GenerationRequest, generators: list, callback
         original_inference_steps=req.original_inference_steps,
         callback_on_step_end=callback,
         **req.extra,
+        **_control_kwargs(runner, req),
     )
     if req.negative_prompt:
         if "negative_prompt" not in inspect.signature(runner.__call__).parameters:
@@ -236,7 +288,8 @@ def run_request(
     if req.is_img2img:
         images = runner(req.prompt, image=req.init_image, strength=req.strength, **kwargs).images
     else:
-        images = pipe(req.prompt, width=req.width, height=req.height, **kwargs).images
+        width, height = _size(pipe, req)
+        images = pipe(req.prompt, width=width, height=height, **kwargs).images
     return [
         GeneratedImage(im, s, infotext(req, s, im.width, im.height, model_name))
         for im, s in zip(images, seeds, strict=True)
@@ -247,8 +300,11 @@ def batch_key(req: GenerationRequest) -> tuple | None:
     """What text-to-image requests must share to run as one pipeline call (`run_batch`): everything but the
     prompt, negative prompt text, seed and image count. None for img2img, which is never batched. Whether a
     negative prompt is given is part of the key: the pipeline encodes "no negative prompt" differently from
-    an empty one, so requests with and without one are not mixed."""
-    if req.is_img2img:
+    an empty one, so requests with and without one are not mixed. Requests with images beside the prompt (a
+    ControlNet unit, an IP-Adapter image in `extra`) are never batched either."""
+    if req.is_img2img or any(u is not None for u in req.controls):
+        return None
+    if any(isinstance(v, PIL.Image.Image | list | tuple) for v in req.extra.values()):
         return None
     return (
         req.width,
@@ -286,7 +342,8 @@ def run_batch(
     if first.negative_prompt:
         kwargs["negative_prompt"] = [r.negative_prompt for r in reqs for _ in range(r.num_images)]
     prompts = [r.prompt for r in reqs for _ in range(r.num_images)]
-    images = pipe(prompts, width=first.width, height=first.height, num_images_per_prompt=1, **kwargs).images
+    width, height = _size(pipe, first)
+    images = pipe(prompts, width=width, height=height, num_images_per_prompt=1, **kwargs).images
     results, start = [], 0
     for r, group in zip(reqs, seeds, strict=True):
         mine = images[start : start + len(group)]

@@ -17,7 +17,7 @@ A1111 clients send the whole `StableDiffusionProcessingTxt2Img/Img2Img` field se
   options (mask_blur*, inpainting_fill, inpaint_full_res*, inpainting_mask_invert, mask_round: only with a mask).
 - changing the image but not implemented: the `RULES` below (sampler other than LCM, a scheduler other than
   Automatic, styles, variation seeds, seed resize, face restoration, tiling, s_min_uncond, a refiner, scripts,
-  always-on scripts, extra-network tags like `<lora:name:1>` in a prompt, the hires fix, several init images, resize
+  always-on scripts other than ControlNet (`lcmkit.server.controlnet` reads its units), extra-network tags like `<lora:name:1>` in a prompt, the hires fix, several init images, resize
   mode 3, initial_noise_multiplier, and any other override_settings key). These follow the server's `unsupported`
   policy (`lcmkit.server.compat`): refused with 400 naming them, or run without them and listed in `warnings`.
 - refused under either policy, because ignoring them would produce a different kind of result: a mask or latent
@@ -76,6 +76,8 @@ class Rule:
     feature: str
 
     def message(self, value: Any) -> str:
+        if isinstance(value, dict):  # the keys only: values may hold images
+            return f"{self.name} keys {json.dumps(sorted(value))[:200]} ({self.feature})"
         shown = json.dumps(value) if not isinstance(value, str) or len(value) < 60 else f'"{value[:57]}..."'
         return f"{self.name}={shown} ({self.feature})"
 
@@ -132,9 +134,9 @@ COMMON_RULES = (
     Rule("script_name", _unset, _UNSET, "A1111 scripts"),
     Rule(
         "alwayson_scripts",
-        _empty,
-        {"anyOf": [{"type": "object", "maxProperties": 0}, NULL]},
-        "A1111 extensions (always-on scripts)",
+        lambda v: all(key.lower() == "controlnet" for key in v or {}),
+        {},  # lcmkit.server.controlnet.alwayson_schema describes it
+        "A1111 extensions (always-on scripts) other than ControlNet",
     ),
     Rule(
         "prompt",

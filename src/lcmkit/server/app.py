@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lcmkit import __version__
 from lcmkit.server import a1111 as a1111_api
-from lcmkit.server import openai_api, openapi, schemas
+from lcmkit.server import controlnet, openai_api, openapi, schemas
 from lcmkit.server.docs import install_docs
 from lcmkit.server.guards import RequestGuard, error_response, header_timeout_protocol
 from lcmkit.server.jobs import Job, JobCancelled, JobQueue, JobStatus, QueueFull, Settings
@@ -341,6 +341,7 @@ def _api_routes(jobs: JobQueue, settings: Settings, options: a1111_api.Options) 
         return {"id_task": running, "state": "running" if running else "idle"}
 
     router.include_router(a1111_api.router(jobs, settings, options))  # models, samplers, options, png-info...
+    router.include_router(controlnet.router(settings))  # the sd-webui-controlnet extension's routes
     return router
 
 

@@ -81,6 +81,8 @@ class Settings:
     # 400 naming them; "warn" runs without them and lists them in the reply's `warnings` (lcmkit.server.compat)
     unsupported: str = "refuse"
     vae_name: str | None = None  # a VAE served instead of the model's own (--tiny-vae), for /sdapi/v1/sd-vae
+    # the pipeline's ControlNets as (kind, source), in its order (--controlnet), for the A1111 ControlNet units
+    controlnets: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.unsupported not in UNSUPPORTED_POLICIES:

@@ -25,7 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from lcmkit.request import MAX_SEED
-from lcmkit.server import a1111, openai_api
+from lcmkit.server import a1111, controlnet, openai_api
 from lcmkit.server.jobs import Settings
 
 NULL = {"type": "null"}
@@ -230,6 +230,7 @@ def _a1111_body(schema: dict[str, Any], settings: Settings, img2img: bool) -> No
     if img2img:
         _set(props, "denoising_strength", {"type": "number", "exclusiveMinimum": 0, "maximum": 1})
         _also(props, "init_images", {"minItems": 1})
+    _set(props, "alwayson_scripts", controlnet.alwayson_schema(settings))
     refuse = settings.unsupported == "refuse"
     options = a1111.option_schemas(settings)
     if not refuse:
@@ -375,6 +376,10 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     for model in (OpenAIError, OpenAIErrorDetail, A1111Error):
         schemas.setdefault(
             model.__name__, model.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+    if settings.controlnets:
+        schemas["ControlNetUnit"] = controlnet.ControlNetUnit.model_json_schema(
+            ref_template="#/components/schemas/{model}"
         )
     refs: set[int] = set()
     if "Txt2ImgRequest" in schemas:

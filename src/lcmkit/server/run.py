@@ -29,6 +29,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+SETTINGS_FROM_SPEC = {
+    "api_key",
+    "model_name",
+    "vae_name",
+    "controlnets",
+}  # Settings fields serve fills itself
+
+
 def spec_and_limits(
     model: ModelSpec | str | None, options: dict[str, Any]
 ) -> tuple[ModelSpec, dict[str, Any]]:
@@ -36,7 +44,7 @@ def spec_and_limits(
     from lcmkit.server.jobs import Settings
 
     spec_fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"model"}
-    limit_fields = {f.name for f in dataclasses.fields(Settings)} - {"api_key", "model_name", "vae_name"}
+    limit_fields = {f.name for f in dataclasses.fields(Settings)} - SETTINGS_FROM_SPEC
     unknown = sorted(set(options) - spec_fields - limit_fields)
     if unknown:
         raise ValueError(
@@ -63,7 +71,7 @@ def serve(
 
     `model` is a `ModelSpec`, or what its `model` field takes (a diffusers folder, a .safetensors/.ckpt file, a hub
     id, None for the model shipped with lcmkit) with the other spec fields (`loras`, `tiny_vae`, `freeu`,
-    `vae_tiling`, `openvino`, `device`, `dtype`) as keywords. The remaining keywords are `Settings` fields (limits
+    `vae_tiling`, `openvino`, `device`, `dtype`, `controlnets`) as keywords. The remaining keywords are `Settings` fields (limits
     such as max_steps, queue_size). `api_key` falls back to the environment variable LCMKIT_API_KEY.
 
     Raises `ValueError` (a `SpecError` for the model) before listening when an option is wrong or the requested
@@ -76,7 +84,13 @@ def serve(
 
     spec, limits = spec_and_limits(model, options)
     api_key = api_key or os.environ.get("LCMKIT_API_KEY") or None
-    settings = Settings(api_key=api_key, model_name=spec.model_name, vae_name=spec.tiny_vae, **limits)
+    settings = Settings(
+        api_key=api_key,
+        model_name=spec.model_name,
+        vae_name=spec.tiny_vae,
+        controlnets=spec.controlnets,
+        **limits,
+    )
     check_runtime(spec)
 
     def load() -> Any:  # runs in the worker thread: /health says "loading" meanwhile, "error" if it fails
@@ -87,5 +101,7 @@ def serve(
 
     if not _is_loopback(host) and not api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this port can generate", host)
-    app = create_app(load, settings)
+    # With ControlNets the model loads before the port opens: a net that does not fit the UNet (or a file that is
+    # not a ControlNet) is then one error at start, not a server whose /health says "error".
+    app = create_app(load() if spec.controlnets else load, settings)
     uvicorn.run(app, host=host, port=port, log_level="info", **uvicorn_options(settings))

@@ -22,7 +22,8 @@ from pydantic import ConfigDict, Field
 
 from lcmkit import __version__
 from lcmkit.request import GeneratedImage, GenerationRequest
-from lcmkit.server import a1111, images
+from lcmkit.server import a1111, controlnet, images
+from lcmkit.server.compat import Review
 from lcmkit.server.guards import RequestBody, check_text_lengths
 from lcmkit.server.jobs import LimitError, Settings, check_limits
 
@@ -110,7 +111,10 @@ class A1111Request(RequestBody):
     s_min_uncond: float | None = None
     refiner_checkpoint: str | None = None
     script_name: str | None = None
-    alwayson_scripts: dict[str, Any] | None = None
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None,
+        description='{"controlnet": {"args": [unit, ...]}} (sd-webui-controlnet units; see /controlnet/*)',
+    )
     # no effect on the image here (see lcmkit.server.a1111)
     do_not_save_samples: bool | None = None
     do_not_save_grid: bool | None = None
@@ -250,12 +254,18 @@ def from_a1111(body: A1111Request, settings: Settings, options: a1111.Options | 
         req.init_image = fit_image(image, body.width, body.height, settings, body.resize_mode or 0)
         req.width, req.height = req.init_image.size
         req.strength = body.denoising_strength
+    review = Review(settings.unsupported)
+    controls, size = controlnet.read_units(body, settings, review, req.width, req.height, req.init_image)
+    if controls:
+        req.controls = controls
+        req.width, req.height = size
+    warnings = honoured.warnings + review.finish()
     check_limits(req, settings, body.n_iter, batch_name="batch_size")
     return Translated(
         req,
         body.n_iter,
         body.force_task_id,
-        warnings=honoured.warnings,
+        warnings=warnings,
         output_format=honoured.samples_format,
         send_images=honoured.send_images,
     )

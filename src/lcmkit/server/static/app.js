@@ -12,6 +12,7 @@ const DB_STORE = "gallery";
 let gallery = []; // newest first: {id (storage key, absent if not stored), src (data: URL), info, params}
 let shown = null; // the item in the result panel
 let initImage = null; // data: URL of the img2img input
+let controlImage = null; // data: URL of the ControlNet input (shown only when the server loaded ControlNets)
 let current = null; // the job in flight: {id, cancelled, abort (AbortController)}
 let polling = null;
 let galleryReady = null; // resolves once the stored gallery is loaded
@@ -126,6 +127,13 @@ async function generate(event) {
     url = "/sdapi/v1/img2img";
     body.init_images = [initImage];
     body.denoising_strength = parseFloat($("strength").value);
+  }
+  if (controlImage && $("control-model").value) {
+    const module = $("control-module").value;
+    body.alwayson_scripts = { controlnet: { args: [{
+      enabled: true, image: controlImage, module, model: $("control-model").value,
+      weight: parseFloat($("control-weight").value), resize_mode: "Crop and Resize", control_mode: "Balanced",
+    }] } };
   }
   const job = { id: body.force_task_id, cancelled: false, abort: new AbortController() };
   current = job;
@@ -325,6 +333,44 @@ function clearInit() {
   $("init-options").hidden = true;
 }
 
+async function loadControlNets() {
+  // the ControlNets this server loaded (lcmkit serve --controlnet KIND=PATH); the control input shows only with some
+  try {
+    const r = await fetch("/controlnet/model_list", { headers: apiHeaders(false) });
+    if (!r.ok) return;
+    const models = (await r.json()).model_list || [];
+    const select = $("control-model");
+    select.replaceChildren(...models.map((name) => {
+      const option = document.createElement("option");
+      option.value = option.textContent = name;
+      return option;
+    }));
+    if (models.some((m) => m.includes("canny"))) $("control-module").value = "canny";
+    $("control").hidden = models.length === 0;
+  } catch (e) {
+    $("control").hidden = true;
+  }
+}
+
+function onControlChosen() {
+  const file = $("control-file").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    controlImage = reader.result;
+    $("control-preview").src = controlImage;
+    $("control-options").hidden = false;
+  };
+  reader.readAsDataURL(file);
+}
+
+function clearControl() {
+  controlImage = null;
+  $("control-file").value = "";
+  $("control-preview").removeAttribute("src");
+  $("control-options").hidden = true;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Browser storage: IndexedDB holds PNGs of several MB where localStorage (about 5 MB in all) would not
 
@@ -416,6 +462,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
   $("init").addEventListener("change", onInitChosen);
   $("init-clear").addEventListener("click", clearInit);
+  $("control-file").addEventListener("change", onControlChosen);
+  $("control-clear").addEventListener("click", clearControl);
+  $("control-weight").addEventListener("input", () => { $("control-weight-value").textContent = $("control-weight").value; });
+  $("apikey").addEventListener("change", loadControlNets);
   $("seed-random").addEventListener("click", () => { $("seed").value = -1; });
   $("seed-reuse").addEventListener("click", () => {
     const item = shown || gallery[0];
@@ -426,5 +476,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cancel").addEventListener("click", cancelJob);
   $("form").addEventListener("submit", generate);
   loadHealth();
+  loadControlNets();
   galleryReady = loadGallery();
 });
