@@ -220,8 +220,12 @@ def control_infotext(unit: ControlUnit) -> str:
 
 def _nets(pipe: Any) -> int:
     """How many ControlNets `pipe` runs (0 for a pipeline without the attribute, such as a test double)."""
+    from torch import nn
+
     nets = getattr(pipe, "controlnet", None)
-    return 0 if nets is None else len(nets) if isinstance(nets, list | tuple) else 1
+    if isinstance(nets, list | tuple):
+        return sum(isinstance(net, nn.Module) for net in nets)
+    return int(isinstance(nets, nn.Module))
 
 
 def _size(pipe: Any, req: GenerationRequest) -> tuple[int | None, int | None]:
