@@ -1,0 +1,227 @@
+"""Per-shape probes: whether a fast path pays on this machine, measured the first time a layer meets a shape.
+
+`lcmkit.nn.fast` asks `decide(key, reference, fast)` where `FastPaths.choose` is "probe": the reference op and its
+fast variant run a few times each, interleaved, on the real input shape and the real weights (after one warm-up
+call each), and the faster one by the minimum of its timings wins; the fast one must beat the reference by
+`MARGIN`, so a tie keeps the reference arithmetic. A call of the reference that takes longer than `CALL_BUDGET_S`
+is probed on a slice of the map's rows instead, so one probe costs at most about
+`2 * (1 + REPS) * CALL_BUDGET_S` seconds.
+
+Decisions are kept in memory (one process never changes its choice for a key) and on disk, in
+`$LCMKIT_PROBE_CACHE` (default `~/.cache/lcmkit`), one JSON file per machine: `probe-<digest>.json`, where the
+digest covers the CPU's model name and flags, torch's version and CPU capability, and the thread count. The file
+is written atomically (a temporary file renamed over it); one that cannot be read is ignored with a warning and
+rewritten. Each entry holds the winner and the timings it was chosen on, so `benchmarks/probe_paths.py` can show
+what this machine picks.
+
+A `Prober` takes a `measure(name, fn, x) -> seconds` function, so tests decide the timings instead of the clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "LCMKIT_PROBE_CACHE"
+REPS = 3  # timed calls of each variant, after one warm-up call each
+MARGIN = 0.02  # the fast variant must be at least this much faster than the reference
+CALL_BUDGET_S = 0.03  # a reference call slower than this is probed on a slice of the map's rows
+MIN_ROWS = 16  # the smallest slice probed (Winograd works on 6x6 output tiles)
+FORMAT = 1  # the cache file's layout version
+
+Measure = Callable[[str, Callable[[torch.Tensor], Any], torch.Tensor], float]
+
+
+def _time_call(name: str, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> tuple[str, str]:
+    """The CPU's model name and a digest of its flags (from /proc/cpuinfo where there is one)."""
+    model, flags = "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and not model:
+                model = value.strip()
+            elif name.strip() in ("flags", "Features") and not flags:
+                flags = value.strip()
+    except OSError:
+        pass
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
+    return model or platform.processor() or platform.machine(), digest
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """What a probe's result depends on besides the shape: CPU model and flags, torch, thread count."""
+    model, flags = _cpu()
+    return {
+        "cpu": model,
+        "flags": flags,
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "format": FORMAT,
+    }
+
+
+def cache_dir() -> Path:
+    """`$LCMKIT_PROBE_CACHE`, else `~/.cache/lcmkit`."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lcmkit"
+
+
+def cache_path() -> Path:
+    """This machine's cache file (its name digests `machine_fingerprint()`)."""
+    return _cache_path(str(cache_dir()), torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_path(folder: str, threads: int) -> Path:
+    digest = hashlib.sha256(json.dumps(machine_fingerprint(), sort_keys=True).encode()).hexdigest()[:20]
+    return Path(folder) / f"probe-{digest}.json"
+
+
+def row_slice(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first `rows` rows of a (B, C, H, W) map, stored in x's memory layout."""
+    part = x[:, :, :rows]
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return part.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class Prober:
+    """Measures and remembers which variant wins per key (see the module docstring)."""
+
+    def __init__(self, measure: Measure = _time_call) -> None:
+        self.measure = measure
+        self._lock = threading.Lock()
+        self._decisions: dict[tuple[str, str], dict[str, Any]] = {}  # (cache file, key) -> entry
+        self._loaded: set[str] = set()
+        self.busy = False  # a probe is timing its variants: layers inside them stay on their thresholds
+
+    def decide(
+        self,
+        key: str,
+        reference: tuple[Callable[[torch.Tensor], Any], torch.Tensor],
+        fast: tuple[Callable[[torch.Tensor], Any], torch.Tensor],
+    ) -> bool:
+        """Whether the fast variant wins for `key` on this machine: each side is (fn, its input); both inputs are
+        4-d maps with the same rows (sliced together when a reference call is slow)."""
+        path = cache_path()
+        entry = self._decisions.get((str(path), key))
+        if entry is not None:
+            return entry["winner"] == "fast"
+        with self._lock:
+            self._load(path)
+            entry = self._decisions.get((str(path), key))
+            if entry is None:
+                entry = self._probe(reference, fast)
+                self._decisions[(str(path), key)] = entry
+                self._save(path, key, entry)
+                logger.info("probe %s: %s (%s)", key, entry["winner"], entry["seconds"])
+        return entry["winner"] == "fast"
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """This process's decisions for this machine's fingerprint, by key."""
+        path = str(cache_path())
+        return {key: entry for (file, key), entry in self._decisions.items() if file == path}
+
+    def forget(self) -> None:
+        """Drop the in-memory decisions (the disk cache is read again on the next decision)."""
+        with self._lock:
+            self._decisions.clear()
+            self._loaded.clear()
+
+    def _probe(self, reference: tuple, fast: tuple) -> dict[str, Any]:
+        self.busy = True
+        try:
+            return self._measure_both(reference, fast)
+        finally:
+            self.busy = False
+
+    def _measure_both(self, reference: tuple, fast: tuple) -> dict[str, Any]:
+        (ref_fn, x_ref), (fast_fn, x_fast) = reference, fast
+        rows = x_ref.shape[2]
+        with torch.no_grad():
+            first = self.measure("reference", ref_fn, x_ref)
+            if first > CALL_BUDGET_S and rows > MIN_ROWS:
+                rows = max(MIN_ROWS, int(rows * CALL_BUDGET_S / first))
+                x_ref, x_fast = row_slice(x_ref, rows), row_slice(x_fast, rows)
+                self.measure("reference", ref_fn, x_ref)  # warm-up on the slice
+            self.measure("fast", fast_fn, x_fast)
+            times: dict[str, list[float]] = {"reference": [], "fast": []}
+            for _ in range(REPS):
+                times["reference"].append(self.measure("reference", ref_fn, x_ref))
+                times["fast"].append(self.measure("fast", fast_fn, x_fast))
+        best = {name: min(values) for name, values in times.items()}
+        winner = "fast" if best["fast"] < best["reference"] * (1.0 - MARGIN) else "reference"
+        return {"winner": winner, "seconds": best, "rows": rows}
+
+    def _load(self, path: Path) -> None:
+        if str(path) in self._loaded:
+            return
+        self._loaded.add(str(path))
+        for key, entry in self._read(path).items():
+            self._decisions.setdefault((str(path), key), entry)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict[str, Any]]:
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            decisions = data["decisions"]
+            if not all(
+                isinstance(e, dict) and e.get("winner") in ("fast", "reference") for e in decisions.values()
+            ):
+                raise ValueError("an entry without a winner")
+            return decisions
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            logger.warning("ignoring the unreadable probe cache %s (%s); it will be rewritten", path, error)
+            return {}
+
+    def _save(self, path: Path, key: str, entry: dict[str, Any]) -> None:
+        """Merge `entry` into the file (another process may have added keys) and replace it atomically."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            decisions = self._read(path)
+            decisions[key] = entry
+            data = {"machine": machine_fingerprint(), "decisions": decisions}
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                json.dump(data, file, indent=1, sort_keys=True)
+            os.replace(temporary, path)
+        except OSError as error:
+            logger.warning("could not write the probe cache %s (%s); decisions stay in memory", path, error)
+
+
+_PROBER = Prober()
+
+
+def default_prober() -> Prober:
+    """The process's prober: what the layers ask."""
+    return _PROBER
+
+
+def set_prober(prober: Prober) -> Prober:
+    """Make `prober` the process's prober (tests inject one with a fake `measure`); returns the previous one."""
+    global _PROBER
+    previous, _PROBER = _PROBER, prober
+    return previous
