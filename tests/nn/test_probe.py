@@ -34,7 +34,7 @@ TOL = 1e-4
 class FakeTimes:
     """A `measure` that runs nothing and answers made-up seconds per variant; records (name, input shape)."""
 
-    def __init__(self, reference: float = 2.0, fast: float = 1.0, run: bool = False) -> None:
+    def __init__(self, reference: float = 0.002, fast: float = 0.001, run: bool = False) -> None:
         self.seconds = {"reference": reference, "fast": fast}
         self.calls: list[tuple[str, tuple[int, ...]]] = []
         self.inputs: list[torch.Tensor] = []
@@ -79,16 +79,30 @@ def test_the_faster_variant_wins_by_the_minimum_of_interleaved_calls(cache):
     times = FakeTimes()
     assert _decide(Prober(measure=times), "fast wins")
     names = [name for name, _ in times.calls]
-    # a warm-up each, then REPS rounds alternating reference and fast
-    assert names == ["reference", "fast"] + ["reference", "fast"] * probe.REPS
-    # one slow outlier of the fast side does not decide: the minimum does
-    outlier = FakeTimes(reference=1.0, fast=lambda n: 9.0 if n == 4 else 0.5)
+    # the cold reference call, its first sample, the fast warm-up, then alternating; two rounds suffice when
+    # every fast timing beats every reference timing
+    assert names == ["reference", "reference", "fast", "fast", "reference", "fast"]
+    # overlapping timings: all REPS rounds; one slow outlier of the fast side does not decide, the minimum does
+    outlier = FakeTimes(reference=0.001, fast=lambda n: 0.009 if n == 4 else 0.0005)
     assert _decide(Prober(measure=outlier), "outlier")
+    assert [name for name, _ in outlier.calls].count("fast") == 1 + probe.REPS
 
 
-@pytest.mark.parametrize("fast_seconds", [1.0, 1.0 - probe.MARGIN / 2, 1.5])
+def test_a_reference_too_slow_to_time_is_left_to_the_thresholds(cache):
+    times = FakeTimes(reference=2 * probe.MAX_CALL_S)
+    prober = Prober(measure=times)
+    assert (
+        prober.decide("slow", (lambda t: t, torch.zeros(1, 1, 8, 8)), (lambda t: t, torch.zeros(1))) is None
+    )
+    assert [name for name, _ in times.calls] == ["reference", "reference"]  # the fast side never ran
+    assert prober.decide("slow", (None, None), (None, None)) is None  # the same answer for the whole process
+    assert len(times.calls) == 2
+    assert not list(cache.glob("probe-*.json"))  # not written: a quieter process may probe it
+
+
+@pytest.mark.parametrize("fast_seconds", [0.01, 0.01 * (1.0 - probe.MARGIN / 2), 0.015])
 def test_ties_and_losses_keep_the_reference(cache, fast_seconds):
-    assert not _decide(Prober(measure=FakeTimes(reference=1.0, fast=fast_seconds)))
+    assert not _decide(Prober(measure=FakeTimes(reference=0.01, fast=fast_seconds)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -96,7 +110,7 @@ def test_a_slow_reference_is_probed_on_a_row_slice_in_its_layout(cache, channels
     x = torch.randn(1, 3, 200, 10)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times = FakeTimes(reference=lambda n: 10 * probe.CALL_BUDGET_S if n == 1 else 1.0, fast=0.5)
+    times = FakeTimes(reference=lambda n: 10 * probe.CALL_BUDGET_S if n == 1 else 0.01, fast=0.005)
     prober = Prober(measure=times)
     assert _decide(prober, "sliced", x)
     rows = max(probe.MIN_ROWS, 200 // 10)
@@ -111,13 +125,13 @@ def test_decisions_are_measured_once_and_kept_in_memory_and_on_disk(cache):
     prober = Prober(measure=times)
     assert _decide(prober, "once")
     count = len(times.calls)
-    times.seconds = {"reference": 1.0, "fast": 5.0}  # the machine changed its mind: the process does not
+    times.seconds = {"reference": 0.001, "fast": 0.005}  # the machine changed its mind: the process does not
     assert _decide(prober, "once") and len(times.calls) == count
     (path,) = cache.glob("probe-*.json")
     assert path == probe.cache_path()
     data = json.loads(path.read_text())
     assert data["decisions"]["once"]["winner"] == "fast"
-    assert data["decisions"]["once"]["seconds"] == {"reference": 2.0, "fast": 1.0}
+    assert data["decisions"]["once"]["seconds"] == {"reference": 0.002, "fast": 0.001}
     assert {"cpu", "flags", "torch", "threads", "capability"} <= set(data["machine"])
     assert not list(cache.glob("*.tmp"))  # written through a renamed temporary file
 
@@ -180,7 +194,7 @@ def _conv(cin: int, cout: int, **kwargs) -> Conv2d:
 @pytest.mark.parametrize("wins", [True, False])
 def test_packing_follows_the_probe_beyond_its_threshold(use, wins):
     """48x48 is above the 32x32 threshold but inside the probe's region: packed where the probe says it pays."""
-    times = FakeTimes(fast=1.0 if wins else 3.0, run=True)
+    times = FakeTimes(fast=0.001 if wins else 0.003, run=True)
     use(times)
     conv = _conv(16, 16, prepack="always")
     x = torch.randn(1, 16, 48, 48)
@@ -197,11 +211,25 @@ def test_packing_follows_the_probe_beyond_its_threshold(use, wins):
     assert list(fast.default_prober().entries().values())[0]["winner"] == ("fast" if wins else "reference")
 
 
+def test_packing_too_slow_to_probe_follows_the_threshold(use, monkeypatch):
+    use(FakeTimes(reference=2 * probe.MAX_CALL_S))
+    used = []
+    real = fast._packed_conv
+    monkeypatch.setattr(
+        fast, "_packed_conv", lambda conv, x, w: used.append(tuple(x.shape)) or real(conv, x, w)
+    )
+    conv = _conv(16, 16, prepack="always")
+    with torch.no_grad():
+        conv(torch.randn(1, 16, 48, 48))  # above the 32x32 threshold: plain
+        conv(torch.randn(1, 16, 16, 16))  # at most 32x32: packed
+    assert used == [(1, 16, 16, 16)]
+
+
 @pytest.mark.skipif(not winograd_available(), reason="NNPACK is not available on this CPU")
 @pytest.mark.parametrize("wins", [True, False])
 def test_winograd_follows_the_probe_below_its_threshold(use, monkeypatch, wins):
     """128 channels at 32x32 is below the thresholds (256 channels, 96x96) but inside the probe's region."""
-    use(FakeTimes(fast=1.0 if wins else 3.0))
+    use(FakeTimes(fast=0.001 if wins else 0.003))
     calls = []
     real = torch._nnpack_spatial_convolution
     monkeypatch.setattr(
@@ -222,7 +250,7 @@ def test_winograd_follows_the_probe_below_its_threshold(use, monkeypatch, wins):
 
 @pytest.mark.parametrize("wins", [True, False])
 def test_the_subpixel_upsampler_follows_the_probe_below_its_threshold(use, monkeypatch, wins):
-    use(FakeTimes(fast=1.0 if wins else 3.0))
+    use(FakeTimes(fast=0.001 if wins else 0.003))
     ran = []
     real = fast.nearest2x_conv3x3
     monkeypatch.setattr(fast, "nearest2x_conv3x3", lambda *a, **k: ran.append(1) or real(*a, **k))
@@ -241,7 +269,7 @@ def test_the_subpixel_upsampler_follows_the_probe_below_its_threshold(use, monke
 
 @pytest.mark.parametrize("channels_last_wins", [True, False])
 def test_the_vae_level_layout_follows_the_probe(use, channels_last_wins):
-    use(FakeTimes(fast=1.0 if channels_last_wins else 3.0))
+    use(FakeTimes(fast=0.001 if channels_last_wins else 0.003))
     conv = _conv(16, 16)
     x = torch.randn(1, 16, 8, 8)
     with torch.no_grad():
@@ -328,7 +356,7 @@ def test_probe_mode_stays_within_tolerance_of_the_reference(use, times):
     if times == "real":
         use(Prober().measure)  # the clock, in a fresh prober with its own memory
     else:
-        use(FakeTimes(fast=1.0 if times == "fast" else 3.0, run=True))
+        use(FakeTimes(fast=0.001 if times == "fast" else 0.003, run=True))
     unet, vae = _tiny_models()
     eps_ref, image_ref = _outputs(unet, vae, FastPaths.reference())
     assert fast.default_prober().entries() == {}

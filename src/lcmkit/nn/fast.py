@@ -167,7 +167,7 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, packed: DerivedWeight) -> torch.Ten
     if weight is None:
         return None
     if probing(conv, x) and not _packing_pays(conv, x, weight):
-        return None
+        return None  # measured slower here (or too slow to measure, and above the threshold)
     return _packed_conv(conv, x, weight)
 
 
@@ -185,7 +185,8 @@ def _packing_pays(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> boo
         f"{conv.out_channels} {'x'.join(map(str, x.shape))} {_layout_name(x)}"
     )
     plain = (lambda t: nn.Conv2d.forward(conv, t), x)
-    return default_prober().decide(key, plain, (lambda t: _packed_conv(conv, t, weight), x))
+    pays = default_prober().decide(key, plain, (lambda t: _packed_conv(conv, t, weight), x))
+    return x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS if pays is None else pays
 
 
 def conv2d_add_into(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
@@ -239,12 +240,15 @@ def takes_winograd(
     if probing(conv):
         if pixels < PROBE_WINOGRAD_MIN_PIXELS or channels < PROBE_WINOGRAD_MIN_CHANNELS:
             return False
-        return _winograd_pays(conv, shape, alternative)
+        pays = _winograd_pays(conv, shape, alternative)
+        if pays is not None:
+            return pays
     return pixels >= WINOGRAD_MIN_PIXELS and channels >= WINOGRAD_MIN_CHANNELS
 
 
-def _winograd_pays(conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size, alternative: str) -> bool:
-    """Probed: NNPACK's Winograd convolution on NCHW against oneDNN's on `alternative`, on a random map."""
+def _winograd_pays(conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size, alternative: str) -> bool | None:
+    """Probed: NNPACK's Winograd convolution on NCHW against oneDNN's on `alternative`, on a random map (None:
+    too slow to probe)."""
     x = _probe_input(shape)
     other = x.contiguous(memory_format=torch.channels_last) if alternative == "channels_last" else x
     key = f"winograd {conv.in_channels}->{conv.out_channels} {'x'.join(map(str, shape))} vs {alternative}"
@@ -254,7 +258,8 @@ def _winograd_pays(conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size, alterna
 
 def prefers_channels_last(conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size) -> bool | None:
     """Probed: whether oneDNN runs `conv` faster on a channels-last map of this (NCHW) shape than on a plain one;
-    None where `conv` does not probe (`choose = "thresholds"`, autograd, graph capture, not CPU float32)."""
+    None where `conv` does not probe (`choose = "thresholds"`, autograd, graph capture, not CPU float32) or a call
+    was too slow to probe."""
     if len(shape) != 4 or conv.kernel_size != (3, 3) or not probing(conv):
         return None
     x = _probe_input(shape)
@@ -392,7 +397,10 @@ def upsample_subpixel(
         key = f"subpixel {conv.in_channels}->{conv.out_channels} {'x'.join(map(str, x.shape))} {_layout_name(x)}"
         plain = (lambda t: conv(F.interpolate(t, scale_factor=2.0, mode="nearest")), x)
         subpixel = (lambda t: nearest2x_conv3x3(t, w, conv.bias, kernels=phases()), x)
-        if not default_prober().decide(key, plain, subpixel):
+        pays = default_prober().decide(key, plain, subpixel)
+        if pays is None:
+            pays = x.shape[-2] * x.shape[-1] >= SUBPIXEL_MIN_PIXELS
+        if not pays:
             kernels.clear()  # the phase kernels (16/9 of the weight) are not kept where they do not pay
             return None
     elif mode == "auto" and x.shape[-2] * x.shape[-1] < SUBPIXEL_MIN_PIXELS:

@@ -3,9 +3,10 @@
 `lcmkit.nn.fast` asks `decide(key, reference, fast)` where `FastPaths.choose` is "probe": the reference op and its
 fast variant run a few times each, interleaved, on the real input shape and the real weights (after one warm-up
 call each), and the faster one by the minimum of its timings wins; the fast one must beat the reference by
-`MARGIN`, so a tie keeps the reference arithmetic. A call of the reference that takes longer than `CALL_BUDGET_S`
-is probed on a slice of the map's rows instead, so one probe costs at most about
-`2 * (1 + REPS) * CALL_BUDGET_S` seconds.
+`MARGIN`, so a tie keeps the reference arithmetic; the rounds stop after two when every timing of one side beats
+every timing of the other. A call of the reference that takes longer than `CALL_BUDGET_S` is probed on a slice of
+the map's rows instead, and where even that call takes longer than `MAX_CALL_S` (small maps with large weights on
+a slow or busy machine) nothing is probed and the caller's thresholds decide.
 
 Decisions are kept in memory (one process never changes its choice for a key) and on disk, in
 `$LCMKIT_PROBE_CACHE` (default `~/.cache/lcmkit`), one JSON file per machine: `probe-<digest>.json`, where the
@@ -41,6 +42,7 @@ REPS = 3  # timed calls of each variant, after one warm-up call each
 MARGIN = 0.02  # the fast variant must be at least this much faster than the reference
 CALL_BUDGET_S = 0.03  # a reference call slower than this is probed on a slice of the map's rows
 MIN_ROWS = 16  # the smallest slice probed (Winograd works on 6x6 output tiles)
+MAX_CALL_S = 0.25  # a (sliced) reference call slower than this is not probed: the thresholds decide
 FORMAT = 1  # the cache file's layout version
 
 Measure = Callable[[str, Callable[[torch.Tensor], Any], torch.Tensor], float]
@@ -106,6 +108,16 @@ def row_slice(x: torch.Tensor, rows: int) -> torch.Tensor:
     return part.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _answer(entry: dict[str, Any]) -> bool | None:
+    return None if entry["winner"] == "skipped" else entry["winner"] == "fast"
+
+
+def _apart(times: dict[str, list[float]]) -> bool:
+    """Two samples or more of each side, and every one of one side faster than every one of the other."""
+    ref, fast = times["reference"], times["fast"]
+    return min(len(ref), len(fast)) >= 2 and (max(ref) < min(fast) or max(fast) < min(ref))
+
+
 class Prober:
     """Measures and remembers which variant wins per key (see the module docstring)."""
 
@@ -121,22 +133,25 @@ class Prober:
         key: str,
         reference: tuple[Callable[[torch.Tensor], Any], torch.Tensor],
         fast: tuple[Callable[[torch.Tensor], Any], torch.Tensor],
-    ) -> bool:
+    ) -> bool | None:
         """Whether the fast variant wins for `key` on this machine: each side is (fn, its input); both inputs are
-        4-d maps with the same rows (sliced together when a reference call is slow)."""
+        4-d maps with the same rows (sliced together when a reference call is slow). None where a reference call
+        was too slow to probe (`MAX_CALL_S`): the caller's thresholds decide; that is kept in memory only, so a
+        later, quieter process probes again."""
         path = cache_path()
         entry = self._decisions.get((str(path), key))
         if entry is not None:
-            return entry["winner"] == "fast"
+            return _answer(entry)
         with self._lock:
             self._load(path)
             entry = self._decisions.get((str(path), key))
             if entry is None:
                 entry = self._probe(reference, fast)
                 self._decisions[(str(path), key)] = entry
-                self._save(path, key, entry)
+                if entry["winner"] != "skipped":
+                    self._save(path, key, entry)
                 logger.info("probe %s: %s (%s)", key, entry["winner"], entry["seconds"])
-        return entry["winner"] == "fast"
+        return _answer(entry)
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """This process's decisions for this machine's fingerprint, by key."""
@@ -160,16 +175,22 @@ class Prober:
         (ref_fn, x_ref), (fast_fn, x_fast) = reference, fast
         rows = x_ref.shape[2]
         with torch.no_grad():
-            first = self.measure("reference", ref_fn, x_ref)
+            first = self.measure("reference", ref_fn, x_ref)  # also the cold call (primitive creation)
             if first > CALL_BUDGET_S and rows > MIN_ROWS:
                 rows = max(MIN_ROWS, int(rows * CALL_BUDGET_S / first))
                 x_ref, x_fast = row_slice(x_ref, rows), row_slice(x_fast, rows)
-                self.measure("reference", ref_fn, x_ref)  # warm-up on the slice
-            self.measure("fast", fast_fn, x_fast)
-            times: dict[str, list[float]] = {"reference": [], "fast": []}
-            for _ in range(REPS):
-                times["reference"].append(self.measure("reference", ref_fn, x_ref))
+            times: dict[str, list[float]] = {
+                "reference": [self.measure("reference", ref_fn, x_ref)],
+                "fast": [],
+            }
+            if times["reference"][0] > MAX_CALL_S:  # too slow to time here: the thresholds decide
+                return {"winner": "skipped", "seconds": {"reference": times["reference"][0]}, "rows": rows}
+            self.measure("fast", fast_fn, x_fast)  # its warm-up
+            for done in range(1, REPS + 1):
                 times["fast"].append(self.measure("fast", fast_fn, x_fast))
+                if done == REPS or _apart(times):
+                    break
+                times["reference"].append(self.measure("reference", ref_fn, x_ref))
         best = {name: min(values) for name, values in times.items()}
         winner = "fast" if best["fast"] < best["reference"] * (1.0 - MARGIN) else "reference"
         return {"winner": winner, "seconds": best, "rows": rows}
