@@ -146,8 +146,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         if not args.keep:
             os.environ[probe.CACHE_ENV] = folder  # measure everything now, leave the user's cache alone
-        report["cache"] = str(probe.cache_path())
         for size in args.sizes:
+            if not args.keep:  # a folder per size: every size is measured afresh
+                os.environ[probe.CACHE_ENV] = str(Path(folder) / str(size))
             probe.set_prober(probe.Prober())
             rows: list[dict] = []
             start = time.perf_counter()
@@ -155,7 +156,11 @@ def main() -> None:
             unet_seconds = time.perf_counter() - start
             _vae(size, rows)
             wall = {"unet": unet_seconds, "vae": time.perf_counter() - start - unet_seconds}
-            report["sizes"][size] = {"wall_seconds": wall, "decisions": rows}
+            report["sizes"][size] = {
+                "wall_seconds": wall,
+                "cache": str(probe.cache_path()),
+                "decisions": rows,
+            }
             _print(size, rows, wall)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{args.name}.json"
@@ -171,7 +176,7 @@ def _print(size: int, rows: list[dict], wall: dict) -> None:
     for row in rows:
         entry = row["probe"]
         if entry is None:
-            choice, times = "-", "not probed (outside the probe region)"
+            choice, times = "-", "not probed (outside the probe region, or another path took the call)"
         elif entry["winner"] == "skipped":
             choice = "threshold"
             times = f"{1e3 * entry['seconds']['reference']:.2f} / - (too slow to probe; rows {entry['rows']})"

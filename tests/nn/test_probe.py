@@ -113,8 +113,11 @@ def test_a_slow_reference_is_probed_on_a_row_slice_in_its_layout(cache, channels
     times = FakeTimes(reference=lambda n: 10 * probe.CALL_BUDGET_S if n == 1 else 0.01, fast=0.005)
     prober = Prober(measure=times)
     assert _decide(prober, "sliced", x)
-    rows = max(probe.MIN_ROWS, 200 // 10)
-    assert times.calls[0] == ("reference", (1, 3, 200, 10))
+    rows = max(probe.MIN_ROWS, probe.FIRST_ROWS // 10)
+    assert times.calls[0] == (
+        "reference",
+        (1, 3, probe.FIRST_ROWS, 10),
+    )  # tall maps start on their first rows
     assert all(shape == (1, 3, rows, 10) for _, shape in times.calls[1:])
     assert all(is_channels_last(t) == channels_last for t in times.inputs[1:])
     assert prober.entries()["sliced"]["rows"] == rows
@@ -200,7 +203,7 @@ def test_packing_follows_the_probe_beyond_its_threshold(use, wins):
     x = torch.randn(1, 16, 48, 48)
     with torch.no_grad():
         y = conv(x)
-    assert times.calls and times.calls[0] == ("reference", (1, 16, 48, 48))
+    assert times.calls and times.calls[0] == ("reference", (1, 16, probe.FIRST_ROWS, 48))
     assert conv._packed.value is not None  # the packed copy was made to be timed
     torch.testing.assert_close(y, torch.nn.Conv2d.forward(conv, x), atol=1e-5, rtol=1e-5)
     calls = len(times.calls)

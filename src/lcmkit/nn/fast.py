@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from lcmkit.io.paging import release_weight_pages
+from lcmkit.nn import probe
 from lcmkit.nn.fast_upsample import nearest2x_conv3x3, subpixel_kernels
 from lcmkit.nn.layout import is_channels_last
 from lcmkit.nn.lora import LoraLayer
@@ -98,8 +99,11 @@ def probing(layer: nn.Module, *tensors: torch.Tensor) -> bool:
 
 
 def _probe_input(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """A random map to time a convolution on (its own generator: the global RNG is left alone)."""
-    return torch.empty(tuple(shape)).normal_(generator=torch.Generator().manual_seed(0))
+    """A random map to time a convolution on, only as tall as a probe times (`lcmkit.nn.probe.FIRST_ROWS`), from
+    its own generator (the global RNG is left alone)."""
+    b, c, h, w = shape
+    rows = min(h, probe.FIRST_ROWS)
+    return torch.empty(b, c, rows, w).normal_(generator=torch.Generator().manual_seed(0))
 
 
 def _layout_name(x: torch.Tensor) -> str:

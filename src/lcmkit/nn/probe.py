@@ -4,8 +4,8 @@
 fast variant run a few times each, interleaved, on the real input shape and the real weights (after one warm-up
 call each), and the faster one by the minimum of its timings wins; the fast one must beat the reference by
 `MARGIN`, so a tie keeps the reference arithmetic; the rounds stop after two when every timing of one side beats
-every timing of the other. A call of the reference that takes longer than `CALL_BUDGET_S` is probed on a slice of
-the map's rows instead, and where even that call takes longer than `MAX_CALL_S` (small maps with large weights on
+every timing of the other. Maps taller than `FIRST_ROWS` are timed on their first rows, and a reference call
+that takes longer than `CALL_BUDGET_S` on fewer still, and where even that call takes longer than `MAX_CALL_S` (small maps with large weights on
 a slow or busy machine) nothing is probed and the caller's thresholds decide.
 
 Decisions are kept in memory (one process never changes its choice for a key) and on disk, in
@@ -42,6 +42,7 @@ REPS = 3  # timed calls of each variant, after one warm-up call each
 MARGIN = 0.02  # the fast variant must be at least this much faster than the reference
 CALL_BUDGET_S = 0.03  # a reference call slower than this is probed on a slice of the map's rows
 MIN_ROWS = 16  # the smallest slice probed (Winograd works on 6x6 output tiles)
+FIRST_ROWS = 32  # taller maps are timed on their first 32 rows from the start (then fewer if still slow)
 MAX_CALL_S = 0.25  # a (sliced) reference call slower than this is not probed: the thresholds decide
 FORMAT = 1  # the cache file's layout version
 
@@ -126,7 +127,7 @@ class Prober:
         self._lock = threading.Lock()
         self._decisions: dict[tuple[str, str], dict[str, Any]] = {}  # (cache file, key) -> entry
         self._loaded: set[str] = set()
-        self.busy = False  # a probe is timing its variants: layers inside them stay on their thresholds
+        self._local = threading.local()  # per thread: whether this thread is timing a probe
 
     def decide(
         self,
@@ -164,6 +165,15 @@ class Prober:
             self._decisions.clear()
             self._loaded.clear()
 
+    @property
+    def busy(self) -> bool:
+        """This thread is timing a probe's variants: the layers inside them stay on their thresholds."""
+        return getattr(self._local, "busy", False)
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        self._local.busy = value
+
     def _probe(self, reference: tuple, fast: tuple) -> dict[str, Any]:
         self.busy = True
         try:
@@ -174,6 +184,9 @@ class Prober:
     def _measure_both(self, reference: tuple, fast: tuple) -> dict[str, Any]:
         (ref_fn, x_ref), (fast_fn, x_fast) = reference, fast
         rows = x_ref.shape[2]
+        if rows > FIRST_ROWS:
+            rows = FIRST_ROWS
+            x_ref, x_fast = row_slice(x_ref, rows), row_slice(x_fast, rows)
         with torch.no_grad():
             first = self.measure("reference", ref_fn, x_ref)  # also the cold call (primitive creation)
             if first > CALL_BUDGET_S and rows > MIN_ROWS:
