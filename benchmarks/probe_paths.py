@@ -179,10 +179,12 @@ def _print(size: int, rows: list[dict], wall: dict) -> None:
             choice, times = "-", "not probed (outside the probe region, or another path took the call)"
         elif entry["winner"] == "skipped":
             choice = "threshold"
-            times = f"{1e3 * entry['seconds']['reference']:.2f} / - (too slow to probe; rows {entry['rows']})"
+            times = f"{1e3 * entry['seconds']['reference']:.2f} / - (too slow to probe; {entry['rows']}x{entry.get('cols')})"
         else:
             choice, s = entry["winner"], entry["seconds"]
-            times = f"{1e3 * s['reference']:.2f} / {1e3 * s['fast']:.2f} (rows {entry['rows']})"
+            times = (
+                f"{1e3 * s['reference']:.2f} / {1e3 * s['fast']:.2f} ({entry['rows']}x{entry.get('cols')})"
+            )
         print(
             f"{row['model']:5} {row['path']:13} {row['conv']:14} {row['map']:>5}  {choice:9} "
             f"{'fast' if row['thresholds'] else 'reference':10}  {times}"

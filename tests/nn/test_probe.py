@@ -123,6 +123,17 @@ def test_a_slow_reference_is_probed_on_a_row_slice_in_its_layout(cache, channels
     assert prober.entries()["sliced"]["rows"] == rows
 
 
+def test_a_wide_map_still_too_slow_on_few_rows_is_cut_in_columns_too(cache):
+    x = torch.randn(1, 3, 64, 512)
+    times = FakeTimes(reference=lambda n: 40 * probe.CALL_BUDGET_S if n == 1 else 0.01, fast=0.005)
+    prober = Prober(measure=times)
+    assert _decide(prober, "cropped", x)
+    # 32 rows took 40 budgets: 16 rows would take 20, so the columns are cut by 20 too (not below MIN_COLS)
+    cols = max(probe.MIN_COLS, int(512 / 20))
+    assert all(shape == (1, 3, probe.MIN_ROWS, cols) for _, shape in times.calls[1:])
+    assert prober.entries()["cropped"]["cols"] == cols
+
+
 def test_decisions_are_measured_once_and_kept_in_memory_and_on_disk(cache):
     times = FakeTimes()
     prober = Prober(measure=times)

@@ -5,7 +5,7 @@ fast variant run a few times each, interleaved, on the real input shape and the 
 call each), and the faster one by the minimum of its timings wins; the fast one must beat the reference by
 `MARGIN`, so a tie keeps the reference arithmetic; the rounds stop after two when every timing of one side beats
 every timing of the other. Maps taller than `FIRST_ROWS` are timed on their first rows, and a reference call
-that takes longer than `CALL_BUDGET_S` on fewer still, and where even that call takes longer than `MAX_CALL_S` (small maps with large weights on
+that takes longer than `CALL_BUDGET_S` on fewer rows still (then fewer columns), and where even that call takes longer than `MAX_CALL_S` (small maps with large weights on
 a slow or busy machine) nothing is probed and the caller's thresholds decide.
 
 Decisions are kept in memory (one process never changes its choice for a key) and on disk, in
@@ -42,6 +42,7 @@ REPS = 3  # timed calls of each variant, after one warm-up call each
 MARGIN = 0.02  # the fast variant must be at least this much faster than the reference
 CALL_BUDGET_S = 0.03  # a reference call slower than this is probed on a slice of the map's rows
 MIN_ROWS = 16  # the smallest slice probed (Winograd works on 6x6 output tiles)
+MIN_COLS = 32  # where the rows alone do not bring a call within budget, columns are cut too, down to this
 FIRST_ROWS = 32  # taller maps are timed on their first 32 rows from the start (then fewer if still slow)
 MAX_CALL_S = 0.25  # a (sliced) reference call slower than this is not probed: the thresholds decide
 FORMAT = 1  # the cache file's layout version
@@ -102,9 +103,9 @@ def _cache_path(folder: str, threads: int) -> Path:
     return Path(folder) / f"probe-{digest}.json"
 
 
-def row_slice(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """The first `rows` rows of a (B, C, H, W) map, stored in x's memory layout."""
-    part = x[:, :, :rows]
+def row_slice(x: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
+    """The top-left `rows` x `cols` (all columns by default) of a (B, C, H, W) map, stored in x's memory layout."""
+    part = x[:, :, :rows, : x.shape[3] if cols is None else cols]
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return part.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -183,21 +184,30 @@ class Prober:
 
     def _measure_both(self, reference: tuple, fast: tuple) -> dict[str, Any]:
         (ref_fn, x_ref), (fast_fn, x_fast) = reference, fast
-        rows = x_ref.shape[2]
+        rows, cols = x_ref.shape[2], x_ref.shape[3]
         if rows > FIRST_ROWS:
             rows = FIRST_ROWS
             x_ref, x_fast = row_slice(x_ref, rows), row_slice(x_fast, rows)
         with torch.no_grad():
             first = self.measure("reference", ref_fn, x_ref)  # also the cold call (primitive creation)
             if first > CALL_BUDGET_S and rows > MIN_ROWS:
-                rows = max(MIN_ROWS, int(rows * CALL_BUDGET_S / first))
+                sliced = max(MIN_ROWS, int(rows * CALL_BUDGET_S / first))
+                first, rows = first * sliced / rows, sliced
                 x_ref, x_fast = row_slice(x_ref, rows), row_slice(x_fast, rows)
+            if first > CALL_BUDGET_S and cols > MIN_COLS:
+                cols = max(MIN_COLS, int(cols * CALL_BUDGET_S / first))
+                x_ref, x_fast = row_slice(x_ref, rows, cols), row_slice(x_fast, rows, cols)
             times: dict[str, list[float]] = {
                 "reference": [self.measure("reference", ref_fn, x_ref)],
                 "fast": [],
             }
             if times["reference"][0] > MAX_CALL_S:  # too slow to time here: the thresholds decide
-                return {"winner": "skipped", "seconds": {"reference": times["reference"][0]}, "rows": rows}
+                return {
+                    "winner": "skipped",
+                    "seconds": {"reference": times["reference"][0]},
+                    "rows": rows,
+                    "cols": cols,
+                }
             self.measure("fast", fast_fn, x_fast)  # its warm-up
             for done in range(1, REPS + 1):
                 times["fast"].append(self.measure("fast", fast_fn, x_fast))
@@ -206,7 +216,7 @@ class Prober:
                 times["reference"].append(self.measure("reference", ref_fn, x_ref))
         best = {name: min(values) for name, values in times.items()}
         winner = "fast" if best["fast"] < best["reference"] * (1.0 - MARGIN) else "reference"
-        return {"winner": winner, "seconds": best, "rows": rows}
+        return {"winner": winner, "seconds": best, "rows": rows, "cols": cols}
 
     def _load(self, path: Path) -> None:
         if str(path) in self._loaded:
