@@ -383,3 +383,21 @@ def test_probe_mode_stays_within_tolerance_of_the_reference(use, times):
     assert_close_to_reference(image, image_ref, atol=TOL, what="VAE decode, probe mode")
     again = _outputs(unet, vae, FastPaths.default())  # the same choice on every call of one process
     assert torch.equal(again[0], eps) and torch.equal(again[1], image)
+
+
+def test_the_cache_folder_defaults_to_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(probe.CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert probe.cache_dir() == tmp_path / ".cache" / "lcmkit"
+    monkeypatch.setenv(probe.CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert probe.cache_path().parent == tmp_path / "elsewhere"
+    assert probe.cache_path().name.startswith("probe-") and probe.cache_path().suffix == ".json"
+
+
+def test_fast_paths_choose_reaches_every_conv():
+    unet, vae = _tiny_models()
+    for model in (unet, vae):
+        convs = [m for m in model.modules() if isinstance(m, Conv2d)]
+        assert convs and all(m.choose == "probe" for m in convs)  # FastPaths.default()
+        model.set_fast_paths(FastPaths(choose="thresholds"))
+        assert all(m.choose == "thresholds" for m in convs)
