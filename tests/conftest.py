@@ -30,3 +30,18 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
         name: save_diffusers_pipeline(spec, tmp_path_factory.mktemp(f"pipe_{name}"), tokenizer_dir)
         for name, spec in SPECS.items()
     }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def probe_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Probe decisions (`lcmkit.nn.probe`) go to a folder of this session, never to ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("probe-cache")
+    previous = os.environ.get("LCMKIT_PROBE_CACHE")
+    os.environ["LCMKIT_PROBE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("LCMKIT_PROBE_CACHE", None)
+    else:
+        os.environ["LCMKIT_PROBE_CACHE"] = previous

@@ -44,9 +44,10 @@ def test_presets():
     ref = FastPaths.reference()
     assert ref.backend == "torch"
     assert ref.vae_memory_format == "contiguous"
+    assert ref.choose == "thresholds" and FastPaths.default().choose == "probe"  # the reference times nothing
     for f in fields(FastPaths):
         value = getattr(ref, f.name)
-        if f.name not in ("backend", "vae_memory_format"):
+        if f.name not in ("backend", "vae_memory_format", "choose"):
             assert value in ("off", False), f"reference() leaves {f.name}={value!r} on"
     with pytest.raises(AttributeError):
         ref.conv_prepack = "auto"  # frozen
@@ -81,6 +82,7 @@ def test_valid_neighbours_of_those_combinations():
         dict(unet_subpixel=True),
         dict(weight_paging="yes"),
         dict(backend="onnx"),
+        dict(choose="measure"),
     ],
 )
 def test_unknown_values_raise_naming_the_field(changes):

@@ -25,11 +25,14 @@ Mode = Literal["auto", "always", "off"]
 MODES: tuple[str, ...] = ("auto", "always", "off")
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
+Choose = Literal["probe", "thresholds"]
+CHOOSE: tuple[str, ...] = ("probe", "thresholds")
 Backend = Literal["torch", "openvino"]
 BACKENDS: tuple[str, ...] = ("torch", "openvino")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backend": BACKENDS,
+    "choose": CHOOSE,
     "conv_prepack": MODES,
     "conv_winograd": MODES,
     "vae_memory_format": MEMORY_FORMATS,
@@ -44,12 +47,21 @@ class FastPaths:
 
     - `backend`: "torch" (exact mode: our PyTorch models with the paths below) or "openvino" (the fast mode,
       `lcmkit.accel.enable_fast`; once applied to a pipeline it cannot go back to "torch": load it again).
+    - `choose`: how the "auto" fields below decide, per layer and input shape, whether their path runs. "probe"
+      (the default): the first time a layer meets a shape, the reference op and the fast one are timed on it, on
+      this machine, and the faster is kept (`lcmkit.nn.probe`: in memory for the process, on disk for later ones,
+      keyed by CPU, torch version and thread count); where nothing can be timed (graph capture, autograd, another
+      device or dtype) and outside the shapes a path could pay on, the fixed thresholds of `lcmkit.nn.fast` apply.
+      "thresholds": those fixed thresholds only (measured on one VM; the same choice on every machine). Each path
+      keeps its tolerance either way, but two machines (or runs) may pick differently, so the image can differ
+      between them by a path's rounding (~1e-5): pin the fields (or choose "thresholds") to compare bitwise.
 
     - `conv_prepack`: 3x3 convolutions on small maps use a weight pre-packed in oneDNN's layout. "auto": only
       memory-mapped weights (whose file pages are released in exchange, so it costs no memory); "always": in-memory
-      weights too; "off": never.
+      weights too; "off": never. Which map sizes count as small is probed (or the threshold, 32x32 pixels).
     - `conv_winograd`: large 3x3 convolutions with many channels take NNPACK's Winograd transform. "auto": where it
-      measured faster; "always": every eligible convolution; "off": never. Rounds differently (~1e-5 relative).
+      measured faster (probed against oneDNN in the layout the layer would otherwise run); "always": every eligible
+      convolution; "off": never. Rounds differently (~1e-5 relative).
     - `residual_into_conv`: a resnet block's second convolution adds its result straight into the residual (one
       oneDNN convolution with a sum post-op) instead of into a fresh tensor. Bitwise the same in our tests.
     - `inplace_activations`: a resnet block's SiLUs and adds reuse the tensors it just made (without autograd).
@@ -57,14 +69,17 @@ class FastPaths:
     - `fused_projections`: a spatial transformer's 1x1 in/out projections run as matrix products on the map's
       memory, with the residual summed into the product. Same values up to rounding.
     - `vae_memory_format`: how the VAE lays out its feature maps. "auto": channels-last on the CPU in float32,
-      except levels whose convolutions take the Winograd path; "channels_last" / "contiguous" force one layout.
+      except levels whose convolutions take the Winograd path (with `choose="probe"`, each level's layout is the
+      faster for its first convolution); "channels_last" / "contiguous" force one layout.
     - `unet_subpixel` / `vae_subpixel`: nearest-2x-then-conv upsamplers run in sub-pixel form (no 4x upsampled
-      copy, 16 instead of 36 multiply-adds). "auto": inputs of at least 32x32 pixels; "always"; "off".
+      copy, 16 instead of 36 multiply-adds). "auto": where it pays (probed; by threshold, inputs of at least 32x32
+      pixels); "always"; "off".
     - `weight_paging`: the pipeline hands each model's memory-mapped weight pages back to the OS after its stage.
       Changes no arithmetic.
     """
 
     backend: Backend = "torch"
+    choose: Choose = "probe"
     conv_prepack: Mode = "auto"
     conv_winograd: Mode = "auto"
     residual_into_conv: bool = True
@@ -104,6 +119,7 @@ class FastPaths:
     def reference(cls) -> FastPaths:
         """Every fast path off: the reference arithmetic (diffusers' layers, summed in its order)."""
         return cls(
+            choose="thresholds",
             conv_prepack="off",
             conv_winograd="off",
             residual_into_conv=False,

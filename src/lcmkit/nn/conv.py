@@ -20,7 +20,7 @@ from lcmkit.nn.fast import (  # noqa: F401  (re-exported: their home was this mo
     capturing_graph,
     winograd_available,
 )
-from lcmkit.runtime import MODES, Mode
+from lcmkit.runtime import MODES, Choose, Mode
 
 Prepack = Mode
 PREPACK_MODES = MODES
@@ -36,12 +36,22 @@ class Conv2d(nn.Conv2d):
     `prepack`: "auto" (memory-mapped weights only), "always", "off" (also no `add_into`). The Winograd path
     (`winograd`: "auto" by size, "always" at any size, "off") applies to 3x3, stride-1, padding-1, ungrouped,
     zero-padded convolutions on plain NCHW inputs under the same conditions; every other call is `nn.Conv2d`'s.
+    `choose`: "thresholds" (a layer's own default: the sizes above) or "probe" (what `FastPaths.default()` sets:
+    measured per input shape on this machine within `lcmkit.nn.fast`'s `PROBE_*` regions, `lcmkit.nn.probe`).
     """
 
-    def __init__(self, *args, prepack: Prepack = "auto", winograd: Winograd = "auto", **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        prepack: Prepack = "auto",
+        winograd: Winograd = "auto",
+        choose: Choose = "thresholds",
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.prepack: Prepack = prepack
         self.winograd: Winograd = winograd
+        self.choose: Choose = choose  # how "auto" decides: measured per shape ("probe") or fixed thresholds
         self._packed = DerivedWeight()  # value None: this weight stays on the plain path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,11 +64,21 @@ class Conv2d(nn.Conv2d):
         return fast.conv2d_add_into(self, x, other)
 
     def takes_winograd(
-        self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype,
+        device: torch.device,
+        alternative: str = "nchw",
     ) -> bool:
         """Whether a plain NCHW input of this shape, dtype and device would take the Winograd path (autograd
-        aside): what a network asks when it picks the layout of a level (`lcmkit.nn.layout`)."""
-        return fast.takes_winograd(self, shape, dtype, device)
+        aside): what a network asks when it picks the layout of a level (`lcmkit.nn.layout`); a probe compares it
+        with oneDNN on `alternative` ("nchw" or "channels_last")."""
+        return fast.takes_winograd(self, shape, dtype, device, alternative)
+
+    def prefers_channels_last(self, shape: tuple[int, ...] | torch.Size) -> bool | None:
+        """Probed: whether oneDNN runs this conv faster on channels-last maps of this NCHW shape; None where this
+        layer does not probe (`lcmkit.nn.fast.prefers_channels_last`)."""
+        return fast.prefers_channels_last(self, shape)
 
 
 def set_conv_winograd(module: nn.Module, mode: Winograd) -> int:

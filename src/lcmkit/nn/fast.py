@@ -19,6 +19,12 @@ lives here. `docs/performance.md` has what each path measured.
   convolution writes into the residual: the same sums, fewer fresh activations (page faults on large maps).
 - Upsamplers (`upsample_subpixel`): nearest 2x then a 3x3 conv, computed on the small map (`lcmkit.nn.fast_upsample`).
 - Spatial transformers (`spatial_transformer`): the 1x1 in/out projections as matrix products on the map's memory.
+
+Where a path is "auto", whether it runs for a shape is either measured on this machine the first time a layer meets
+the shape (`choose = "probe"` on the layer, from `FastPaths.choose`: `lcmkit.nn.probe`), within the `PROBE_*`
+regions below, or read off the fixed thresholds (`choose = "thresholds"`, and wherever nothing can be timed: graph
+capture, autograd, another device or dtype, or a probe already running). Outside the probe regions no path runs
+in "auto" mode; each region contains its threshold's.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from lcmkit.io.paging import release_weight_pages
+from lcmkit.nn import probe
 from lcmkit.nn.fast_upsample import nearest2x_conv3x3, subpixel_kernels
 from lcmkit.nn.layout import is_channels_last
 from lcmkit.nn.lora import LoraLayer
+from lcmkit.nn.probe import default_prober
 
 # The Winograd path ("auto") where it measured faster than oneDNN in either layout: large maps, many channels
 WINOGRAD_MIN_PIXELS = 96 * 96
@@ -44,6 +52,12 @@ PACKED_MAX_PIXELS = 32 * 32
 # The sub-pixel upsampler ("auto") from this input size: its four phase kernels are 16/9 the size of the 3x3
 # weight, which dominates small maps
 SUBPIXEL_MIN_PIXELS = 32 * 32
+
+# Where `choose = "probe"` measures (elsewhere the path does not run in "auto" mode): packing up to 64x64 pixels;
+# Winograd from 32x32 pixels and 128 channels; the sub-pixel upsampler and a level's layout at every size
+PROBE_PACKED_MAX_PIXELS = 64 * 64
+PROBE_WINOGRAD_MIN_PIXELS = 32 * 32
+PROBE_WINOGRAD_MIN_CHANNELS = 128
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -69,6 +83,31 @@ def winograd_available() -> bool:
     """NNPACK built in, initialised on this CPU (x86-64 with AVX2, or ARM with NEON) and not turned off through
     `torch.backends.nnpack`."""
     return torch.backends.nnpack.is_available() and torch._C._get_nnpack_enabled()
+
+
+def probing(layer: nn.Module, *tensors: torch.Tensor) -> bool:
+    """Whether `layer` chooses its "auto" paths by measuring here: `choose = "probe"`, CPU float32 inference
+    (`tensors` and the layer's weight), no graph capture, and no probe running already (a probe times the
+    reference with its layers on the thresholds, so it never starts another)."""
+    weight = getattr(layer, "weight", None)
+    return (
+        getattr(layer, "choose", "thresholds") == "probe"
+        and weight is not None
+        and _cpu_float32_inference(weight, *tensors)
+        and not default_prober().busy
+    )
+
+
+def _probe_input(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """A random map to time a convolution on, only as tall as a probe times (`lcmkit.nn.probe.FIRST_ROWS`), from
+    its own generator (the global RNG is left alone)."""
+    b, c, h, w = shape
+    rows = min(h, probe.FIRST_ROWS)
+    return torch.empty(b, c, rows, w).normal_(generator=torch.Generator().manual_seed(0))
+
+
+def _layout_name(x: torch.Tensor) -> str:
+    return "channels_last" if is_channels_last(x) else "nchw"
 
 
 def _mkldnn_ready() -> bool:
@@ -104,6 +143,10 @@ class DerivedWeight:
             self.source, self.key, self.value = weight, key, make(weight)
         return self.value
 
+    def clear(self) -> None:
+        """Forget the derived tensor (made again on the next `get`)."""
+        self.source, self.key, self.value = None, None, None
+
     def __deepcopy__(self, memo: dict) -> DerivedWeight:
         return DerivedWeight()
 
@@ -127,10 +170,27 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, packed: DerivedWeight) -> torch.Ten
     weight = packed.get(conv.weight, lambda w: _pack(conv, w, x), conv.prepack)
     if weight is None:
         return None
+    if probing(conv, x) and not _packing_pays(conv, x, weight):
+        return None  # measured slower here (or too slow to measure, and above the threshold)
+    return _packed_conv(conv, x, weight)
+
+
+def _packed_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pad, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
     return torch.ops.mkldnn._convolution_pointwise(
         x, weight, conv.bias, pad, stride, dilation, 1, "none", [], ""
     )
+
+
+def _packing_pays(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Probed: the packed weight against `nn.Conv2d`'s convolution, on this input's shape and layout."""
+    key = (
+        f"prepack conv{conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]} {conv.in_channels}->"
+        f"{conv.out_channels} {'x'.join(map(str, x.shape))} {_layout_name(x)}"
+    )
+    plain = (lambda t: nn.Conv2d.forward(conv, t), x)
+    pays = default_prober().decide(key, plain, (lambda t: _packed_conv(conv, t, weight), x))
+    return x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS if pays is None else pays
 
 
 def conv2d_add_into(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
@@ -161,10 +221,16 @@ def conv2d_add_into(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor) -> to
 
 
 def takes_winograd(
-    conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
+    conv: nn.Conv2d,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    alternative: str = "nchw",
 ) -> bool:
     """Whether a plain NCHW input of this shape, dtype and device would take the Winograd path (autograd aside):
-    what a network asks when it picks the layout of a level (`lcmkit.nn.layout`). Never while a graph is captured."""
+    what a network asks when it picks the layout of a level (`lcmkit.nn.layout`). Never while a graph is captured.
+    With `choose = "probe"` it is measured against oneDNN's convolution on `alternative` ("nchw" or
+    "channels_last": the layout the layer would run otherwise)."""
     if conv.winograd == "off" or capturing_graph() or len(shape) != 4 or not _winograd_shape(conv):
         return False
     cpu_float32 = device.type == "cpu" and dtype == torch.float32
@@ -172,10 +238,39 @@ def takes_winograd(
         return False
     if shape[2] * shape[3] == 0 or not winograd_available():
         return False
-    return conv.winograd == "always" or (
-        shape[2] * shape[3] >= WINOGRAD_MIN_PIXELS
-        and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS
-    )
+    if conv.winograd == "always":
+        return True
+    pixels, channels = shape[2] * shape[3], min(conv.in_channels, conv.out_channels)
+    if probing(conv):
+        if pixels < PROBE_WINOGRAD_MIN_PIXELS or channels < PROBE_WINOGRAD_MIN_CHANNELS:
+            return False
+        pays = _winograd_pays(conv, shape, alternative)
+        if pays is not None:
+            return pays
+    return pixels >= WINOGRAD_MIN_PIXELS and channels >= WINOGRAD_MIN_CHANNELS
+
+
+def _winograd_pays(conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size, alternative: str) -> bool | None:
+    """Probed: NNPACK's Winograd convolution on NCHW against oneDNN's on `alternative`, on a random map (None:
+    too slow to probe)."""
+    x = _probe_input(shape)
+    other = x.contiguous(memory_format=torch.channels_last) if alternative == "channels_last" else x
+    key = f"winograd {conv.in_channels}->{conv.out_channels} {'x'.join(map(str, shape))} vs {alternative}"
+    direct = (lambda t: nn.Conv2d.forward(conv, t), other)
+    return default_prober().decide(key, direct, (lambda t: _winograd(conv, t), x))
+
+
+def prefers_channels_last(conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size) -> bool | None:
+    """Probed: whether oneDNN runs `conv` faster on a channels-last map of this (NCHW) shape than on a plain one;
+    None where `conv` does not probe (`choose = "thresholds"`, autograd, graph capture, not CPU float32) or a call
+    was too slow to probe."""
+    if len(shape) != 4 or conv.kernel_size != (3, 3) or not probing(conv):
+        return None
+    x = _probe_input(shape)
+    key = f"channels_last conv3x3 {conv.in_channels}->{conv.out_channels} {'x'.join(map(str, shape))}"
+    nchw = (lambda t: nn.Conv2d.forward(conv, t), x)
+    nhwc = (lambda t: nn.Conv2d.forward(conv, t), x.contiguous(memory_format=torch.channels_last))
+    return default_prober().decide(key, nchw, nhwc)
 
 
 def _winograd_shape(conv: nn.Conv2d) -> bool:
@@ -224,7 +319,7 @@ def _packable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and isinstance(conv.padding, tuple)
         and min(conv.in_channels, conv.out_channels) >= 16
         and x.ndim == 4
-        and x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS
+        and x.shape[-2] * x.shape[-1] <= (PROBE_PACKED_MAX_PIXELS if probing(conv, x) else PACKED_MAX_PIXELS)
         # made under inference_mode: no version counter to notice in-place edits
         and not conv.weight.is_inference()
     )
@@ -290,18 +385,31 @@ def resnet_block(block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -
 def upsample_subpixel(
     mode: bool | str, conv: nn.Conv2d, x: torch.Tensor, kernels: DerivedWeight
 ) -> torch.Tensor | None:
-    """`conv(nearest_2x(x))` in sub-pixel form where `mode` takes it (True; "auto": inputs of at least
-    `SUBPIXEL_MIN_PIXELS` pixels, not while a graph is captured), else None. The phase kernels are cached in
-    `kernels`, except under autograd and for weights made under `inference_mode` (no version counter)."""
-    if mode == "auto":
-        if capturing_graph() or x.shape[-2] * x.shape[-1] < SUBPIXEL_MIN_PIXELS:
-            return None
-    elif not mode:
+    """`conv(nearest_2x(x))` in sub-pixel form where `mode` takes it (True; "auto": where it measured faster on
+    this shape with the conv's `choose = "probe"`, else inputs of at least `SUBPIXEL_MIN_PIXELS` pixels; never
+    while a graph is captured), else None. The phase kernels are cached in `kernels`, except under autograd and for
+    weights made under `inference_mode` (no version counter)."""
+    if not mode or (mode == "auto" and capturing_graph()):
         return None
     w = conv.weight
     fresh = (torch.is_grad_enabled() and w.requires_grad) or w.is_inference()
-    phases = subpixel_kernels(w) if fresh else kernels.get(w, subpixel_kernels)
-    return nearest2x_conv3x3(x, w, conv.bias, kernels=phases)
+
+    def phases() -> torch.Tensor:
+        return subpixel_kernels(w) if fresh else kernels.get(w, subpixel_kernels)
+
+    if mode == "auto" and probing(conv, x):
+        key = f"subpixel {conv.in_channels}->{conv.out_channels} {'x'.join(map(str, x.shape))} {_layout_name(x)}"
+        plain = (lambda t: conv(F.interpolate(t, scale_factor=2.0, mode="nearest")), x)
+        subpixel = (lambda t: nearest2x_conv3x3(t, w, conv.bias, kernels=phases()), x)
+        pays = default_prober().decide(key, plain, subpixel)
+        if pays is None:
+            pays = x.shape[-2] * x.shape[-1] >= SUBPIXEL_MIN_PIXELS
+        if not pays:
+            kernels.clear()  # the phase kernels (16/9 of the weight) are not kept where they do not pay
+            return None
+    elif mode == "auto" and x.shape[-2] * x.shape[-1] < SUBPIXEL_MIN_PIXELS:
+        return None
+    return nearest2x_conv3x3(x, w, conv.bias, kernels=phases())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -46,10 +46,19 @@ def level_layout(mode: MemoryFormat, x: torch.Tensor, conv: torch.nn.Module, sca
     """`x` laid out for the level whose first convolution is `conv`, where maps are `scale` times x's height and
     width (2: x is about to be upsampled into that level): plain NCHW where `conv` takes the Winograd path on such a
     map (`lcmkit.nn.conv.Conv2d.takes_winograd`), else as `to_layout` has it. Mode "channels_last" forces
-    channels-last everywhere (no Winograd then); "contiguous" leaves x as it is."""
+    channels-last everywhere (no Winograd then); "contiguous" leaves x as it is. In mode "auto" a conv whose
+    `choose` is "probe" measures which layout oneDNN runs it faster in (`Conv2d.prefers_channels_last`), and
+    Winograd is measured against that one."""
     takes_winograd = getattr(conv, "takes_winograd", None)  # lcmkit's Conv2d; a plain nn.Conv2d has none
-    if mode != "channels_last" and takes_winograd is not None and x.ndim == 4:
-        shape = (x.shape[0], conv.in_channels, x.shape[-2] * scale, x.shape[-1] * scale)
-        if takes_winograd(shape, x.dtype, x.device):
-            return x.contiguous()
+    if mode == "channels_last" or takes_winograd is None or x.ndim != 4:
+        return to_layout(mode, x)
+    shape = (x.shape[0], conv.in_channels, x.shape[-2] * scale, x.shape[-1] * scale)
+    channels_last = wants_channels_last(mode, x)
+    probed = conv.prefers_channels_last(shape) if channels_last else None  # None: not measured
+    channels_last = channels_last and probed is not False
+    if (
+        takes_winograd(shape, x.dtype, x.device, "channels_last" if channels_last else "nchw")
+        or probed is False
+    ):
+        return x.contiguous()
     return to_layout(mode, x)

@@ -24,6 +24,7 @@ def apply_fast_paths(module: nn.Module, paths: FastPaths, subpixel: Mode) -> Non
         if isinstance(layer, Conv2d):
             layer.prepack = paths.conv_prepack
             layer.winograd = paths.conv_winograd
+            layer.choose = paths.choose
         elif isinstance(layer, ResnetBlock2D):
             layer.inplace_activations = paths.inplace_activations
             layer.residual_into_conv = paths.residual_into_conv
