@@ -22,9 +22,11 @@ OpenVINO IR once with optimum's own exporter (`from_pretrained(export=True)`, th
 stable-diffusion.cpp runs through stable-diffusion-cpp-python, compiled here for this CPU (GGML_NATIVE) into its
 own venv (benchmarks/.venv-sdcpp, built on first use: 10-20 minutes on two cores; a failed build is remembered
 in .venv-sdcpp/FAILED and the system reported unavailable with its reason; delete the folder to retry). It reads
-the diffusers folder itself, but it has no w-embedding: it drops the LCM UNet's `time_embedding.cond_proj` on load
-(its list of unused tensors), and runs LCM as its users do with LCM-LoRA: the `lcm` sampler, 4 steps, cfg 1.0,
-its default weight types (the file's, float32 here). Same UNet work per step as the others (one batch-1
+the same weights written once as an original-layout single file (<model-dir>.original.safetensors, renamed by
+tests/helpers/original_layout.py; sd.cpp's own diffusers-folder reader expects `text_model.`-prefixed text encoder
+keys, which this folder's file lacks). It has no w-embedding: it drops the LCM UNet's `time_embedding.cond_proj`
+on load (its list of unused tensors), and runs LCM as its users do with LCM-LoRA: the `lcm` sampler, 4 steps,
+cfg 1.0, its default weight types (the file's, float32 here). Same UNet work per step as the others (one batch-1
 evaluation), but different conditioning, so its image is not compared (the difference is null, with the reason).
 """
 
@@ -59,7 +61,7 @@ SYSTEMS = (
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 STEPS, GUIDANCE, SEED = 4, 8.0, 0
 SDCPP = (
-    "stable-diffusion-cpp-python 0.4.7 built here (GGML_NATIVE, CPU); loads the diffusers folder and drops the "
+    "stable-diffusion-cpp-python 0.4.7 built here (GGML_NATIVE, CPU); loads the original-layout file and drops the "
     "LCM UNet's time_embedding.cond_proj (no w-embedding), so it runs LCM-LoRA style: sampler lcm, 4 steps, "
     "cfg 1.0, the file's float32 weights; its image is not comparable to diffusers' (different conditioning)"
 )
@@ -73,7 +75,7 @@ def _load(system: str, model: Path, ir: Path, size: int, threads: int) -> Any:
     if system == "stable-diffusion.cpp":
         from stable_diffusion_cpp import StableDiffusion
 
-        return StableDiffusion(model_path=str(model), n_threads=threads, verbose=False)  # reads the folder
+        return StableDiffusion(model_path=str(sdcpp_file(model)), n_threads=threads, verbose=False)
     if system == "optimum-intel":
         from optimum.intel import OVLatentConsistencyModelPipeline
 
@@ -199,6 +201,39 @@ def _sdcpp_ok() -> bool:
     return subprocess.run([str(SDCPP_PYTHON), "-c", code], capture_output=True).returncode == 0
 
 
+def sdcpp_file(model: Path) -> Path:
+    return model.parent / f"{model.name}.original.safetensors"
+
+
+def ensure_sdcpp_file(model: Path) -> Path:
+    """The diffusers folder as one original-layout (CompVis) SD file, written once with the test helper's renaming;
+    the LCM UNet's cond_proj is kept under the name diffusers' converter writes (sd.cpp skips it)."""
+    import importlib.util
+
+    from safetensors.torch import load_file, save_file
+
+    path, unet = sdcpp_file(model), model / "unet" / "diffusion_pytorch_model.safetensors"
+    if path.is_file() and path.stat().st_mtime >= unet.stat().st_mtime:
+        return path
+    print(f"writing {model} as one original-layout file {path} (once) ...", flush=True)
+    spec = importlib.util.spec_from_file_location(
+        "original_layout", HERE.parent / "tests/helpers/original_layout.py"
+    )
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    layers = json.loads((model / "unet" / "config.json").read_text())["layers_per_block"]
+    levels = len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"])
+    sd = layout.unet_to_original(load_file(unet), layers)
+    sd.update(
+        layout.vae_to_original(load_file(model / "vae" / "diffusion_pytorch_model.safetensors"), levels)
+    )
+    sd.update(layout.text_to_original(load_file(model / "text_encoder" / "model.safetensors")))
+    partial = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(partial))
+    partial.replace(path)
+    return path
+
+
 def ensure_optimum_ir(model: Path, ir: Path) -> None:
     if (ir / "model_index.json").is_file():
         return
@@ -236,7 +271,7 @@ def bench_size(size: int, args: argparse.Namespace, work: Path) -> dict[str, Any
     for system in systems:
         warm = run_one(system, size, args, work / f"{system}-{size}.npy", images=0)
         done = warm.get("error") or f"ok ({warm['first_image_s']:.1f} s)"
-        print(f"  {system:14s} {done}", flush=True)
+        print(f"  {system:20s} {done}", flush=True)
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         order = systems[r % len(systems) :] + systems[: r % len(systems)]
@@ -299,17 +334,17 @@ def summarize(rounds: list[dict[str, Any]], systems: list[str], size: int, work:
 def print_table(size: int, summary: dict[str, Any]) -> None:
     print(f"\n{size}x{size}  (speed = diffusers time / system time, same round; median over rounds)")
     print(
-        f"{'system':15s} {'steady s':>9s} {'speed':>6s} {'first s':>8s} {'RSS GB':>7s} {'vs diffusers':>12s}"
+        f"{'system':20s} {'steady s':>9s} {'speed':>6s} {'first s':>8s} {'RSS GB':>7s} {'vs diffusers':>12s}"
     )
     for s, row in summary.items():
         if s.endswith("_vs_optimum"):
             continue
         if "error" in row:
-            print(f"{s:15s} {row['error']}")
+            print(f"{s:20s} {row['error']}")
             continue
         diff = row.get("max_abs_vs_diffusers", float("nan"))
         diff = f"{diff:12.2e}" if diff is not None else f"{'n/a':>12s}"  # not comparable (image_note)
-        print(f"{s:15s} {row['steady_s_median']:9.2f} {row['speed_vs_diffusers_median']:5.2f}x "
+        print(f"{s:20s} {row['steady_s_median']:9.2f} {row['speed_vs_diffusers_median']:5.2f}x "
               f"{row['first_image_s_median']:8.1f} {row['peak_rss_gb_max']:7.2f} {diff}")  # fmt: skip
     for key, f in summary.items():
         if key.endswith("_vs_optimum"):
@@ -357,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     if sdcpp.startswith("unavailable"):
         print(f"stable-diffusion.cpp: {sdcpp}", flush=True)
         args.systems = [s for s in args.systems if s != "stable-diffusion.cpp"]
+    elif "stable-diffusion.cpp" in args.systems:
+        ensure_sdcpp_file(args.model_dir)
     work = args.cache_dir.parent / "lcmkit-bench-peers-images"
     work.mkdir(parents=True, exist_ok=True)
     results = {
