@@ -19,7 +19,15 @@ optimum-intel pins an older huggingface-hub than lcmkit's environment, so it run
 (benchmarks/.venv-peers, created here on first use: it sees this environment's packages through a .pth file and
 adds optimum-intel 2.2.0, its hub and transformers, and a diffusers it can import). The weights are exported to
 OpenVINO IR once with optimum's own exporter (`from_pretrained(export=True)`, then `save_pretrained`).
-stable-diffusion.cpp is reported unavailable: no worker for it is written yet (see docs/performance.md).
+stable-diffusion.cpp runs through stable-diffusion-cpp-python, compiled here for this CPU (GGML_NATIVE) into its
+own venv (benchmarks/.venv-sdcpp, built on first use: 10-20 minutes on two cores; a failed build is remembered
+in .venv-sdcpp/FAILED and the system reported unavailable with its reason; delete the folder to retry). It reads
+the same weights written once as an original-layout single file (<model-dir>.original.safetensors, renamed by
+tests/helpers/original_layout.py; sd.cpp's own diffusers-folder reader expects `text_model.`-prefixed text encoder
+keys, which this folder's file lacks). It has no w-embedding: it drops the LCM UNet's `time_embedding.cond_proj`
+on load (its list of unused tensors), and runs LCM as its users do with LCM-LoRA: the `lcm` sampler, 4 steps,
+cfg 1.0, its default weight types (the file's, float32 here). Same UNet work per step as the others (one batch-1
+evaluation), but different conditioning, so its image is not compared (the difference is null, with the reason).
 """
 
 from __future__ import annotations
@@ -42,16 +50,32 @@ RESULTS = HERE / "results"
 PEERS_VENV = HERE / ".venv-peers"
 PEERS_PYTHON = PEERS_VENV / "bin" / "python"
 PEERS_PACKAGES = ("optimum-intel[openvino]==2.2.0", "diffusers==0.37.0")  # 0.37: imports with optimum's hub
-SYSTEMS = ("diffusers", "lcmkit-exact", "lcmkit-fast", "lcmkit-fast-int8", "optimum-intel")
+SDCPP_VENV = HERE / ".venv-sdcpp"
+SDCPP_PYTHON = SDCPP_VENV / "bin" / "python"
+SDCPP_PACKAGE = "stable-diffusion-cpp-python==0.4.7"  # LCMKIT_SDCPP_SDIST=/path/to/sdist.tar.gz: a local one
+SDCPP_CMAKE_ARGS = "-DGGML_NATIVE=ON -DSD_WEBP=OFF -DSD_WEBM=OFF"  # CPU only, for this CPU; no image codecs
+# stable-diffusion.cpp is left out, with the reason, where it does not build
+SYSTEMS = (
+    "diffusers", "lcmkit-exact", "lcmkit-fast", "lcmkit-fast-int8", "optimum-intel", "stable-diffusion.cpp",
+)  # fmt: skip
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 STEPS, GUIDANCE, SEED = 4, 8.0, 0
-SDCPP = "unavailable: no stable-diffusion.cpp worker in this script yet (stable-diffusion-cpp-python not built here)"
+SDCPP = (
+    "stable-diffusion-cpp-python 0.4.7 built here (GGML_NATIVE, CPU); loads the original-layout file and drops the "
+    "LCM UNet's time_embedding.cond_proj (no w-embedding), so it runs LCM-LoRA style: sampler lcm, 4 steps, "
+    "cfg 1.0, the file's float32 weights; its image is not comparable to diffusers' (different conditioning)"
+)
+SDCPP_NO_DIFF = "not comparable: sd.cpp drops the w-embedding (cond_proj), runs cfg 1; diffusers has w=8"
 
 
 # Worker: one system, one process ------------------------------------------------------------------------------
 
 
 def _load(system: str, model: Path, ir: Path, size: int, threads: int) -> Any:
+    if system == "stable-diffusion.cpp":
+        from stable_diffusion_cpp import StableDiffusion
+
+        return StableDiffusion(model_path=str(sdcpp_file(model)), n_threads=threads, verbose=False)
     if system == "optimum-intel":
         from optimum.intel import OVLatentConsistencyModelPipeline
 
@@ -76,6 +100,10 @@ def _load(system: str, model: Path, ir: Path, size: int, threads: int) -> Any:
 
 
 def _image(pipe: Any, size: int) -> np.ndarray:
+    if type(pipe).__name__ == "StableDiffusion":  # stable-diffusion.cpp: no torch in that process
+        images = pipe.generate_image(PROMPT, width=size, height=size, sample_method="lcm", sample_steps=STEPS,
+                                     cfg_scale=1.0, seed=SEED)  # fmt: skip
+        return np.asarray(images[0].convert("RGB"), dtype=np.float32) / 255.0
     import torch
 
     generator = torch.Generator().manual_seed(SEED)
@@ -137,6 +165,75 @@ def _peer_ok() -> bool:
     return subprocess.run([str(PEERS_PYTHON), "-c", code], capture_output=True).returncode == 0
 
 
+def ensure_sdcpp_venv() -> str | None:
+    """benchmarks/.venv-sdcpp: this environment's packages (a .pth) plus stable-diffusion-cpp-python compiled here.
+
+    Returns None when it imports, else why not. A failed build is remembered (FAILED) and not retried.
+    """
+    failed = SDCPP_VENV / "FAILED"
+    if failed.is_file():
+        return failed.read_text().strip() + f" (remembered; delete {SDCPP_VENV} to retry)"
+    if SDCPP_PYTHON.exists() and _sdcpp_ok():
+        return None
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", str(SDCPP_VENV)], check=True)
+    site = next((SDCPP_VENV / "lib").glob("python*/site-packages"))
+    (site / "zz_lcmkit_main.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    package = os.environ.get("LCMKIT_SDCPP_SDIST", SDCPP_PACKAGE)
+    log = SDCPP_VENV / "build.log"
+    print(f"building {package} into {SDCPP_VENV} (once, 10-20 min on two cores; log {log}) ...", flush=True)
+    env = dict(os.environ, CMAKE_ARGS=SDCPP_CMAKE_ARGS)
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(min(os.cpu_count() or 1, 8)))
+    pip = [str(SDCPP_PYTHON), "-m", "pip", "install", "-v", "--no-binary", "stable-diffusion-cpp-python"]
+    with log.open("w") as out:
+        done = subprocess.run([*pip, package], stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0 or not _sdcpp_ok():
+        tail = [line.strip() for line in log.read_text(errors="replace").splitlines() if "rror" in line][-2:]
+        reason = f"unavailable: building {package} failed ({' | '.join(tail) or 'see ' + str(log)})"
+        failed.write_text(reason + "\n")
+        return reason
+    return None
+
+
+def _sdcpp_ok() -> bool:
+    code = "from stable_diffusion_cpp import StableDiffusion"
+    return subprocess.run([str(SDCPP_PYTHON), "-c", code], capture_output=True).returncode == 0
+
+
+def sdcpp_file(model: Path) -> Path:
+    return model.parent / f"{model.name}.original.safetensors"
+
+
+def ensure_sdcpp_file(model: Path) -> Path:
+    """The diffusers folder as one original-layout (CompVis) SD file, written once with the test helper's renaming;
+    the LCM UNet's cond_proj is kept under the name diffusers' converter writes (sd.cpp skips it)."""
+    import importlib.util
+
+    from safetensors.torch import load_file, save_file
+
+    path, unet = sdcpp_file(model), model / "unet" / "diffusion_pytorch_model.safetensors"
+    if path.is_file() and path.stat().st_mtime >= unet.stat().st_mtime:
+        return path
+    print(f"writing {model} as one original-layout file {path} (once) ...", flush=True)
+    spec = importlib.util.spec_from_file_location(
+        "original_layout", HERE.parent / "tests/helpers/original_layout.py"
+    )
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    layers = json.loads((model / "unet" / "config.json").read_text())["layers_per_block"]
+    levels = len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"])
+    sd = layout.unet_to_original(load_file(unet), layers)
+    sd.update(
+        layout.vae_to_original(load_file(model / "vae" / "diffusion_pytorch_model.safetensors"), levels)
+    )
+    sd.update(layout.text_to_original(load_file(model / "text_encoder" / "model.safetensors")))
+    partial = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(partial))
+    partial.replace(path)
+    return path
+
+
 def ensure_optimum_ir(model: Path, ir: Path) -> None:
     if (ir / "model_index.json").is_file():
         return
@@ -151,7 +248,8 @@ def ensure_optimum_ir(model: Path, ir: Path) -> None:
 def run_one(
     system: str, size: int, args: argparse.Namespace, save: Path | None, images: int
 ) -> dict[str, Any]:
-    python = PEERS_PYTHON if system == "optimum-intel" else Path(sys.executable)
+    venvs = {"optimum-intel": PEERS_PYTHON, "stable-diffusion.cpp": SDCPP_PYTHON}
+    python = venvs.get(system, Path(sys.executable))
     cmd = [str(python), __file__, "--worker", system, "--size", str(size), "--images", str(images),
            "--threads", str(args.threads), "--model-dir", str(args.model_dir), "--ir-dir", str(args.ir_dir)]  # fmt: skip
     if save is not None:
@@ -173,7 +271,7 @@ def bench_size(size: int, args: argparse.Namespace, work: Path) -> dict[str, Any
     for system in systems:
         warm = run_one(system, size, args, work / f"{system}-{size}.npy", images=0)
         done = warm.get("error") or f"ok ({warm['first_image_s']:.1f} s)"
-        print(f"  {system:14s} {done}", flush=True)
+        print(f"  {system:20s} {done}", flush=True)
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         order = systems[r % len(systems) :] + systems[: r % len(systems)]
@@ -203,7 +301,9 @@ def summarize(rounds: list[dict[str, Any]], systems: list[str], size: int, work:
             "first_image_s_median": statistics.median(r[s]["first_image_s"] for r in ok),
             "peak_rss_gb_max": max(r[s]["peak_rss_gb"] for r in ok),
         }
-        if s in images and "diffusers" in images:
+        if s == "stable-diffusion.cpp":
+            row["max_abs_vs_diffusers"], row["image_note"] = None, SDCPP_NO_DIFF
+        elif s in images and "diffusers" in images:
             row["max_abs_vs_diffusers"] = float(np.abs(images[s] - images["diffusers"]).max())
         out[s] = row
     for fast in ("lcmkit-fast", "lcmkit-fast-int8"):
@@ -234,17 +334,18 @@ def summarize(rounds: list[dict[str, Any]], systems: list[str], size: int, work:
 def print_table(size: int, summary: dict[str, Any]) -> None:
     print(f"\n{size}x{size}  (speed = diffusers time / system time, same round; median over rounds)")
     print(
-        f"{'system':15s} {'steady s':>9s} {'speed':>6s} {'first s':>8s} {'RSS GB':>7s} {'vs diffusers':>12s}"
+        f"{'system':20s} {'steady s':>9s} {'speed':>6s} {'first s':>8s} {'RSS GB':>7s} {'vs diffusers':>12s}"
     )
     for s, row in summary.items():
         if s.endswith("_vs_optimum"):
             continue
         if "error" in row:
-            print(f"{s:15s} {row['error']}")
+            print(f"{s:20s} {row['error']}")
             continue
         diff = row.get("max_abs_vs_diffusers", float("nan"))
-        print(f"{s:15s} {row['steady_s_median']:9.2f} {row['speed_vs_diffusers_median']:5.2f}x "
-              f"{row['first_image_s_median']:8.1f} {row['peak_rss_gb_max']:7.2f} {diff:12.2e}")  # fmt: skip
+        diff = f"{diff:12.2e}" if diff is not None else f"{'n/a':>12s}"  # not comparable (image_note)
+        print(f"{s:20s} {row['steady_s_median']:9.2f} {row['speed_vs_diffusers_median']:5.2f}x "
+              f"{row['first_image_s_median']:8.1f} {row['peak_rss_gb_max']:7.2f} {diff}")  # fmt: skip
     for key, f in summary.items():
         if key.endswith("_vs_optimum"):
             print(f"{key.removesuffix('_vs_optimum')} vs optimum: {f['speed_median']:.2f}x speed, first image "
@@ -287,12 +388,18 @@ def main(argv: list[str] | None = None) -> None:
     if "optimum-intel" in args.systems:
         ensure_peers_venv()
         ensure_optimum_ir(args.model_dir, args.ir_dir)
+    sdcpp = (ensure_sdcpp_venv() or SDCPP) if "stable-diffusion.cpp" in args.systems else "not requested"
+    if sdcpp.startswith("unavailable"):
+        print(f"stable-diffusion.cpp: {sdcpp}", flush=True)
+        args.systems = [s for s in args.systems if s != "stable-diffusion.cpp"]
+    elif "stable-diffusion.cpp" in args.systems:
+        ensure_sdcpp_file(args.model_dir)
     work = args.cache_dir.parent / "lcmkit-bench-peers-images"
     work.mkdir(parents=True, exist_ok=True)
     results = {
         "info": info,
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "stable-diffusion.cpp": SDCPP,
+        "stable-diffusion.cpp": sdcpp,
     }
     for size in sizes:
         results[str(size)] = bench_size(size, args, work)
@@ -301,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or f"peers_{'quick' if args.quick else 'full'}"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
-    print(f"\nstable-diffusion.cpp: {SDCPP}\nwrote {RESULTS / f'{name}.json'}")
+    print(f"\nstable-diffusion.cpp: {sdcpp}\nwrote {RESULTS / f'{name}.json'}")
 
 
 if __name__ == "__main__":
