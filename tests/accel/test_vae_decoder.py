@@ -150,7 +150,7 @@ def test_refusals_say_why(eager, fast, tmp_path):
     from lcmkit.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
 
     for precision in ("int8", "int8-hybrid", "int4"):
-        with pytest.raises(ValueError, match=r"allowed: \['fp32', 'int8-weights'\]"):
+        with pytest.raises(ValueError, match=r"allowed: \['fp32', 'fp16-weights', 'int8-weights'\]"):
             use_openvino_vae_decoder(copy.deepcopy(eager), precision, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="AutoencoderTiny"):
         use_openvino_vae_decoder(AutoencoderTiny(TinyVAEConfig()), cache_dir=tmp_path)

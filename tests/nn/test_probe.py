@@ -374,14 +374,15 @@ def test_probe_mode_stays_within_tolerance_of_the_reference(use, times):
     unet, vae = _tiny_models()
     eps_ref, image_ref = _outputs(unet, vae, FastPaths.reference())
     assert fast.default_prober().entries() == {}
-    eps, image = _outputs(unet, vae, FastPaths.default())
+    probing = FastPaths(choose="probe")
+    eps, image = _outputs(unet, vae, probing)
     entries = fast.default_prober().entries()
     assert any(key.startswith("prepack") for key in entries)
     assert any(key.startswith("subpixel") for key in entries)
     assert any(key.startswith("channels_last") for key in entries)
     assert_close_to_reference(eps, eps_ref, atol=TOL, what="UNet prediction, probe mode")
     assert_close_to_reference(image, image_ref, atol=TOL, what="VAE decode, probe mode")
-    again = _outputs(unet, vae, FastPaths.default())  # the same choice on every call of one process
+    again = _outputs(unet, vae, probing)  # the same choice on every call of one process
     assert torch.equal(again[0], eps) and torch.equal(again[1], image)
 
 
@@ -398,6 +399,8 @@ def test_fast_paths_choose_reaches_every_conv():
     unet, vae = _tiny_models()
     for model in (unet, vae):
         convs = [m for m in model.modules() if isinstance(m, Conv2d)]
-        assert convs and all(m.choose == "probe" for m in convs)  # FastPaths.default()
+        assert convs and all(m.choose == "thresholds" for m in convs)  # FastPaths.default()
+        model.set_fast_paths(FastPaths(choose="probe"))
+        assert all(m.choose == "probe" for m in convs)
         model.set_fast_paths(FastPaths(choose="thresholds"))
         assert all(m.choose == "thresholds" for m in convs)
