@@ -136,6 +136,7 @@ def test_bf16_and_int8_plans(tmp_path, conversions, monkeypatch, precision):
     "auto"), so it is only checked for gross errors. The cache files' pages are not kept resident."""
     floor = MIN_PSNR_DB if precision == "bf16" else 15.0
     from lcmkit.accel import fast as fast_module
+    from lcmkit.io.paging import mapped_file_ranges, resident_bytes
 
     recorded = []
     real_collect = fast_module.collect_unet_inputs
@@ -151,7 +152,7 @@ def test_bf16_and_int8_plans(tmp_path, conversions, monkeypatch, precision):
     assert {p.name.split("-")[0] for p in tmp_path.glob("*-fp16-weights-*.xml")} >= {"text", "vae"}
     assert list(tmp_path.glob(f"unet-{mode.unet_precision}-*.xml"))
     assert recorded == ([1] if precision == "int8" else [])
-    assert _resident_under(tmp_path) == 0  # released after compiling
+    assert resident_bytes(mapped_file_ranges(tmp_path)) == 0  # released after compiling
     assert _psnr(_image(pipe), exact) >= floor
 
     conversions.clear()
@@ -160,21 +161,6 @@ def test_bf16_and_int8_plans(tmp_path, conversions, monkeypatch, precision):
     enable_fast(again, precision=precision, cache_dir=tmp_path, height=SIZE, width=SIZE, threads=1)
     assert conversions == [] and recorded == []  # a warm cache neither converts nor calibrates
     assert _psnr(_image(again), exact) >= floor
-
-
-def _resident_under(folder) -> int:
-    """Bytes of this process's mappings of files under `folder` that are resident."""
-    import mmap
-
-    from lcmkit.io.paging import mapped_file_ranges
-
-    total = 0
-    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        for start, end in mapped_file_ranges(folder):
-            pagemap.seek(start // mmap.PAGESIZE * 8)
-            entries = np.frombuffer(pagemap.read((end - start) // mmap.PAGESIZE * 8), dtype=np.uint64)
-            total += int(np.count_nonzero(entries & np.uint64(1 << 63))) * mmap.PAGESIZE
-    return total
 
 
 def test_a_lora_changes_the_cache_key(tmp_path, conversions):

@@ -111,19 +111,8 @@ def test_img2img_pages_out_too(tiny_folders):
     assert np.array_equal(paged, resident)
 
 
-def _resident(ranges: list[tuple[int, int]]) -> int:
-    page = mmap.PAGESIZE
-    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        total = 0
-        for start, end in ranges:
-            pagemap.seek(start // page * 8)
-            entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
-            total += int(np.count_nonzero(entries & np.uint64(1 << 63))) * page
-    return total
-
-
 def test_release_file_pages_drops_only_mappings_under_the_folder(tmp_path):
-    from lcmkit.io.paging import mapped_file_ranges, release_file_pages
+    from lcmkit.io.paging import mapped_file_ranges, release_file_pages, resident_bytes
 
     inside, outside = tmp_path / "cache" / "blob.bin", tmp_path / "other.bin"
     inside.parent.mkdir()
@@ -136,11 +125,13 @@ def test_release_file_pages_drops_only_mappings_under_the_folder(tmp_path):
         a, b = np.frombuffer(m_in, dtype=np.float32), np.frombuffer(m_out, dtype=np.float32)
         assert float(a.sum()) == float(b.sum())  # every page read: resident
         ranges_in = mapped_file_ranges(tmp_path / "cache")
-        assert len(ranges_in) == 1 and _resident(ranges_in) >= data.nbytes
+        assert len(ranges_in) == 1 and resident_bytes(ranges_in) >= data.nbytes
         released = release_file_pages(tmp_path / "cache")
         assert released >= data.nbytes
-        assert _resident(ranges_in) == 0
-        assert _resident(mapped_file_ranges(tmp_path)) >= data.nbytes  # the file outside the folder stays
+        assert resident_bytes(ranges_in) == 0
+        assert (
+            resident_bytes(mapped_file_ranges(tmp_path)) >= data.nbytes
+        )  # the file outside the folder stays
         np.testing.assert_array_equal(a, data)  # read back from the page cache, unchanged
         del a, b
         m_in.close()

@@ -96,10 +96,15 @@ def _clean_runs(pagemap: object, start: int, end: int) -> list[tuple[int, int]]:
 
 def resident_weight_bytes(*modules: object) -> int | None:
     """Bytes of these modules' weight pages that are resident now (None where `/proc/self/pagemap` is missing)."""
+    return resident_bytes(weight_ranges(modules))
+
+
+def resident_bytes(ranges: list[tuple[int, int]]) -> int | None:
+    """Bytes of the pages within `ranges` (page-aligned) that are resident now (None without `/proc/self/pagemap`)."""
     total = 0
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            for start, end in weight_ranges(modules):
+            for start, end in ranges:
                 total += int(np.count_nonzero(_entries(pagemap, start, end) & _PRESENT)) * _PAGE
     except OSError:
         return None
