@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lcmkit.schedulers.counter import StepCounter
 from lcmkit.schedulers.ddim import TIMESTEP_SPACINGS, spaced_timesteps
 from lcmkit.schedulers.lcm_math import make_betas, rescale_zero_terminal_snr
 
@@ -76,7 +77,7 @@ class EulerDiscreteSchedulerOutput:
         return self.denoised
 
 
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(StepCounter):
     """Euler sampler with the part of diffusers' `EulerDiscreteScheduler` API a sampling loop uses."""
 
     order = 1
@@ -123,17 +124,6 @@ class EulerDiscreteScheduler:
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return sigma_max
         return (sigma_max**2 + 1) ** 0.5
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
 
     def set_timesteps(
         self,

@@ -25,6 +25,7 @@ import torch
 
 from lcmkit.config import read_config_json, require_settings
 from lcmkit.io.errors import ModelFileError, one_line
+from lcmkit.schedulers.counter import StepCounter
 from lcmkit.schedulers.lcm_math import (
     boundary_scalings,
     custom_lcm_timesteps,
@@ -145,7 +146,7 @@ class LCMSchedulerOutput:
         return self.to_tuple()[key]
 
 
-class LCMScheduler:
+class LCMScheduler(StepCounter):
     """Multistep LCM sampler (Luo et al. 2023, Algorithm 1) with diffusers' `LCMScheduler` API.
 
     Build it with keyword arguments (`LCMScheduler(beta_schedule="linear")`), a config
@@ -277,19 +278,6 @@ class LCMScheduler:
     # ------------------------------------------------------------------------------------------
     # Schedule and step counter
     # ------------------------------------------------------------------------------------------
-
-    @property
-    def step_index(self) -> int | None:
-        """Index into `timesteps` of the next `step`; None until the first step (or `set_begin_index`)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """Index of the first timestep, set by a pipeline through `set_begin_index`."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
 
     def set_timesteps(
         self,
