@@ -11,14 +11,16 @@ models in probe mode stay within 1e-4 of `FastPaths.reference()` whichever way t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
 import pytest
 import torch
 from helpers.reference import assert_close_to_reference
+from helpers.tiny_models import SMALL_UNET
 
-from lcmkit.config import UNetConfig, VAEConfig
+from lcmkit.config import VAEConfig
 from lcmkit.models.unet import UNet2DConditionModel
 from lcmkit.models.vae import AutoencoderKL
 from lcmkit.nn import fast, probe
@@ -324,20 +326,8 @@ def test_where_nothing_can_be_timed_the_thresholds_decide(use):
 
 def _tiny_models() -> tuple[UNet2DConditionModel, AutoencoderKL]:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        UNetConfig(
-            sample_size=8,
-            block_out_channels=(16, 32),
-            down_attention=(True, False),
-            up_attention=(False, True),
-            layers_per_block=(1, 1),
-            transformer_layers_per_block=(1, 1),
-            attention_head_dim=(2, 2),
-            cross_attention_dim=12,
-            norm_num_groups=4,
-            time_cond_proj_dim=6,
-        )
-    ).eval()
+    # the model tests' small UNet, twice as wide so that its convolutions reach the packing probe's 16 channels
+    unet = UNet2DConditionModel(dataclasses.replace(SMALL_UNET, block_out_channels=(16, 32))).eval()
     vae = AutoencoderKL(
         VAEConfig(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=4, sample_size=32)
     ).eval()
