@@ -56,8 +56,12 @@ SDCPP_PACKAGE = "stable-diffusion-cpp-python==0.4.7"  # LCMKIT_SDCPP_SDIST=/path
 SDCPP_CMAKE_ARGS = "-DGGML_NATIVE=ON -DSD_WEBP=OFF -DSD_WEBM=OFF"  # CPU only, for this CPU; no image codecs
 # stable-diffusion.cpp is left out, with the reason, where it does not build
 SYSTEMS = (
-    "diffusers", "lcmkit-exact", "lcmkit-fast", "lcmkit-fast-int8", "optimum-intel", "stable-diffusion.cpp",
+    "diffusers", "lcmkit-exact", "lcmkit-fast", "lcmkit-fast-bf16", "lcmkit-fast-int8", "optimum-intel",
+    "stable-diffusion.cpp",
 )  # fmt: skip
+# lcmkit-fast is `--fast` as shipped (auto: on a CPU with int8 dot products, the int8 trial decides); -bf16 and
+# -int8 are `--fast-precision bf16` (no trial) and `int8` (forced, no trial)
+FAST_PRECISION = {"lcmkit-fast": "auto", "lcmkit-fast-bf16": "bf16", "lcmkit-fast-int8": "int8"}
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 STEPS, GUIDANCE, SEED = 4, 8.0, 0
 SDCPP = (
@@ -93,8 +97,7 @@ def _load(system: str, model: Path, ir: Path, size: int, threads: int) -> Any:
     if system.startswith("lcmkit-fast"):
         from lcmkit.accel import enable_fast
 
-        precision = "int8" if system == "lcmkit-fast-int8" else "auto"
-        mode = enable_fast(pipe, precision=precision, height=size, width=size, threads=threads)
+        mode = enable_fast(pipe, precision=FAST_PRECISION[system], height=size, width=size, threads=threads)
         print(f"# {mode.describe()}", file=sys.stderr)
     return pipe
 
@@ -306,7 +309,7 @@ def summarize(rounds: list[dict[str, Any]], systems: list[str], size: int, work:
         elif s in images and "diffusers" in images:
             row["max_abs_vs_diffusers"] = float(np.abs(images[s] - images["diffusers"]).max())
         out[s] = row
-    for fast in ("lcmkit-fast", "lcmkit-fast-int8"):
+    for fast in FAST_PRECISION:
         if fast in images and "lcmkit-exact" in images and fast in out:
             out[fast]["max_abs_vs_exact"] = float(np.abs(images[fast] - images["lcmkit-exact"]).max())
             mse = float(np.mean((images[fast].astype(np.float64) - images["lcmkit-exact"]) ** 2))

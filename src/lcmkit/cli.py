@@ -252,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         "in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]. --fast supersedes it")  # fmt: skip
     add("--fast", action="store_true",
         help="fast mode: the text encoder, UNet and VAE decoder on OpenVINO on the CPU at the precision this CPU "
-        "runs fastest (bf16 with avx512_bf16/AMX, int8 weights with VNNI, else fp32), compiled for the image size "
-        "and cached in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]")  # fmt: skip
+        "runs fastest (bf16 with avx512_bf16/AMX, int8 weights with VNNI, else fp32; with VNNI/AMX also an int8 "
+        "UNet and decoder where a one-time trial finds them faster and within 35 dB of exact mode), compiled for "
+        "the image size and cached in $LCMKIT_OPENVINO_CACHE or ~/.cache/lcmkit/openvino; needs lcmkit[openvino]")  # fmt: skip
     add("--fast-precision", choices=FAST_PRECISIONS, default="auto",
-        help="with --fast: auto chooses from the CPU's flags")  # fmt: skip
+        help="with --fast: auto chooses from the CPU's flags (and the int8 trial); bf16 skips the trial; int8 "
+        "forces the int8 UNet and decoder without it")  # fmt: skip
     gen = argparse.ArgumentParser(add_help=False)
     add = gen.add_argument
     add("--steps", type=_arg(parse_int, "--steps", 1), default=4, help="denoising steps")

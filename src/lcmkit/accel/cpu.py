@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FAST_PRECISIONS = ("auto", "fp32", "bf16", "int8-weights", "int8")
-"""What `enable_fast(precision=...)` and `--fast-precision` take; "auto" applies `PRECISION_RULES`.
+"""What `enable_fast(precision=...)` and `--fast-precision` take; "auto" applies `PRECISION_RULES`, then, on a CPU
+with int8 dot products (`INT8_DOT_FLAGS`), tries int8 for the UNet and the VAE decoder and keeps it only where
+it measured faster here and the image held (`lcmkit.accel.int8`).
 
-"int8" is never chosen by "auto": the UNet in int8 (weights and activations, calibrated on the pipeline's own
-inputs for the compiled size), the text encoder and VAE decoder as in "bf16". On a 2-core Sapphire Rapids VM its
-UNet call was 1.5x faster than bf16 and the SD1.5-size image within 0.04 of exact mode, but on the shipped tiny
-model the image fell to 18 dB PSNR against exact mode: whether int8 activations hold depends on the model, so it is
-the user's choice (`docs/performance.md`)."""
+"int8" forces that: the UNet and the VAE decoder in int8 (weights and activations, calibrated on the pipeline's
+own inputs for the compiled size), the text encoder and other sizes as in "bf16", nothing measured. On the
+shipped tiny model an int8 UNet's image falls to 18 dB PSNR against exact mode, which is why "auto" checks."""
+
+INT8_DOT_FLAGS = (frozenset({"avx512_vnni"}), frozenset({"avx_vnni"}), frozenset({"amx_int8"}))
+"""CPUs with any of these have int8 dot products: where "auto" tries int8 graphs."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,7 @@ PRECISION_RULES = (
         (frozenset({"avx512_bf16"}), frozenset({"amx_bf16"})),
         "the CPU has bf16 dot products",
     ),
-    PrecisionRule(
-        "int8-weights",
-        (frozenset({"avx512_vnni"}), frozenset({"avx_vnni"}), frozenset({"amx_int8"})),
-        "the CPU has int8 (VNNI) dot products",
-    ),
+    PrecisionRule("int8-weights", INT8_DOT_FLAGS, "the CPU has int8 (VNNI) dot products"),
 )
 FALLBACK = PrecisionRule("fp32", (frozenset(),), "no bf16 or VNNI units: int8 and bf16 would be emulated")
 
@@ -72,6 +71,12 @@ def choose_precision(flags: Iterable[str] | None = None) -> PrecisionRule:
         if any(needed <= have for needed in rule.any_of):
             return rule
     return FALLBACK
+
+
+def has_int8_dot(flags: Iterable[str] | None = None) -> bool:
+    """Whether `flags` (default: this CPU's) include int8 dot products (`INT8_DOT_FLAGS`)."""
+    have = frozenset(cpu_flags() if flags is None else flags)
+    return any(needed <= have for needed in INT8_DOT_FLAGS)
 
 
 def resolve_precision(precision: str, flags: Iterable[str] | None = None) -> PrecisionRule:

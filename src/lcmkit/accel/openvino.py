@@ -72,6 +72,7 @@ __all__ = [
     "UNetInputs",
     "check_unet",
     "collect_unet_inputs",
+    "record_unet_inputs",
     "openvino_unet",
     "timestep_vector",
     "unet_input_shapes",
@@ -463,12 +464,22 @@ def collect_unet_inputs(
     data for the int8 precisions. `call_kwargs` go to the pipeline (num_inference_steps, guidance_scale, ...);
     use the steps and guidance you will sample with, so the activation ranges match.
     """
+    return record_unet_inputs(pipe, prompts, seed=seed, **call_kwargs)[0]
+
+
+def record_unet_inputs(
+    pipe: Any, prompts: Sequence[str | list[str]], *, seed: int = 0, **call_kwargs: Any
+) -> tuple[list[UNetInputs], list[torch.Tensor]]:
+    """`collect_unet_inputs`, and also the final latents of each call (a prompt, or a list of prompts made as one
+    batch; seed `seed + i`), as the pipeline's `output_type="latent"` returns them (not yet divided by the VAE's
+    scaling factor)."""
     recorder = _Recorder(pipe.unet)
     pipe.unet = recorder
+    latents = []
     try:
         for i, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            pipe(prompt, generator=generator, output_type="latent", **call_kwargs)
+            latents.append(pipe(prompt, generator=generator, output_type="latent", **call_kwargs).images)
     finally:
         pipe.unet = recorder.unet
-    return recorder.inputs
+    return recorder.inputs, latents

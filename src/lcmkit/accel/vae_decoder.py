@@ -23,7 +23,9 @@ the encoder's parameters), slicing and tiling. What that costs: the converted VA
 `save_pretrained`) refuses, since the decoder's weights are gone; save before converting. What the conversion
 fixes: the weights and `enable_subpixel_upsampling()` / `disable_...` as they were (later switches do nothing).
 
-Only the data-free precisions are offered ("fp32", "fp16-weights", "int8-weights"), as in the UNet's per-shape stand-in.
+The data-free precisions ("fp32", "fp16-weights", "int8-weights") need nothing else; "int8" (activations too)
+needs `calibration=`: decoder inputs (latents after `post_quant_conv`), which the fast mode records at the size it
+compiles (`lcmkit.accel.int8`), and `add` routes that size to the quantized graph.
 """
 
 from __future__ import annotations
@@ -93,12 +95,15 @@ class OpenVINOVAEDecoder(nn.Module):
         threads: int | None = None,
         inference: str = "f32",
         sampled_key: bool = False,
+        calibration: graphs.Calibration = None,
     ) -> None:
         super().__init__()
-        if precision not in graphs.DATA_FREE_PRECISIONS:
+        quantized = precision in graphs.NEEDS_CALIBRATION and calibration is not None
+        if precision not in graphs.DATA_FREE_PRECISIONS and not quantized:
             raise ValueError(
                 f"precision {precision!r} is not available for the VAE decoder; allowed: "
-                f"{list(graphs.DATA_FREE_PRECISIONS)}"
+                f"{list(graphs.DATA_FREE_PRECISIONS)}, or {list(graphs.NEEDS_CALIBRATION)} with calibration= "
+                "(decoder inputs: latents after post_quant_conv)"
             )
         ov = graphs.import_openvino()  # a missing package fails here, before any work
         if precision in graphs.NEEDS_NNCF:
@@ -117,9 +122,11 @@ class OpenVINOVAEDecoder(nn.Module):
         if self.cache_dir is not None:
             # the IR's path: each shape's static graph is saved beside it and compiled from its file (OpenVINO
             # then finds the compiled blob without reading the graph); the IR itself is read only for a new shape
-            self._ir = Path(graphs.load_or_build(ov, source, precision, None, self.cache_dir, as_path=True))
+            self._ir = Path(
+                graphs.load_or_build(ov, source, precision, calibration, self.cache_dir, as_path=True)
+            )
         else:  # no file to read back: the graph's constants are the eager weights, kept alive by the graph
-            self._model = graphs.load_or_build(ov, source, precision, None, None)
+            self._model = graphs.load_or_build(ov, source, precision, calibration, None)
         logger.info("OpenVINO VAE decoder (%s) ready after %.1f s", precision, time.perf_counter() - started)
         self._requests: dict[tuple[int, int, int, int], Any] = {}
 
@@ -144,6 +151,10 @@ class OpenVINOVAEDecoder(nn.Module):
     def prepare(self, shape: tuple[int, int, int, int]) -> Any:
         """The inference request for latents of `shape` (batch, channels, height, width), compiled if new."""
         return self._requests.get(shape) or self._compile_for(shape)
+
+    def add(self, shape: tuple[int, int, int, int], request: Any) -> None:
+        """Decode latents of `shape` with `request` (another decoder's, e.g. an int8 one calibrated for that size)."""
+        self._requests[shape] = request
 
     def _compile_for(self, shape: tuple[int, int, int, int]) -> Any:
         ov = graphs.import_openvino()
