@@ -20,11 +20,14 @@ import pytest
 import torch
 
 from lcmkit import LatentConsistencyModelPipeline, cli
-from lcmkit.accel.cpu import choose_precision, cpu_flags, resolve_precision
+from lcmkit.accel.cpu import choose_precision, cpu_flags, has_int8_dot, resolve_precision
 from lcmkit.spec import DEFAULT_MODEL, ModelSpec, SpecError, check_runtime, load_pipeline
 
 SIZE = 64
 MIN_PSNR_DB = 35.0
+SPR = frozenset(
+    {"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+)  # Sapphire Rapids
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,11 @@ def test_precision_follows_the_cpu_flags(flags, expected):
     assert choose_precision(frozenset(flags)).precision == expected
     assert resolve_precision("auto", frozenset(flags)).precision == expected
     assert resolve_precision("fp32", frozenset(flags)).precision == "fp32"  # explicit: as asked
+
+
+def test_where_auto_tries_int8():
+    assert has_int8_dot(SPR) and has_int8_dot({"avx2", "avx_vnni"}) and has_int8_dot({"avx512_vnni"})
+    assert not has_int8_dot({"avx2", "fma", "avx512f", "avx512_bf16"}) and not has_int8_dot(set())
 
 
 def test_cpu_flags_read_cpuinfo(tmp_path):
@@ -164,9 +172,6 @@ def test_bf16_and_int8_plans(tmp_path, conversions, monkeypatch, precision):
     enable_fast(again, precision=precision, cache_dir=tmp_path, height=SIZE, width=SIZE, threads=1, flags=SPR)
     assert conversions == [] and recorded == []  # a warm cache neither converts nor calibrates
     assert _psnr(_image(again), exact) >= floor
-
-
-SPR = frozenset({"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"})
 
 
 def test_auto_keeps_int8_only_where_the_trial_passes(tmp_path, monkeypatch, conversions):

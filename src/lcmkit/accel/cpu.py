@@ -66,17 +66,17 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
 
 def choose_precision(flags: Iterable[str] | None = None) -> PrecisionRule:
     """The first rule of `PRECISION_RULES` that `flags` (default: this CPU's) satisfy, else `FALLBACK` (fp32)."""
-    have = frozenset(cpu_flags() if flags is None else flags)
-    for rule in PRECISION_RULES:
-        if any(needed <= have for needed in rule.any_of):
-            return rule
-    return FALLBACK
+    return next((rule for rule in PRECISION_RULES if _has_any(flags, rule.any_of)), FALLBACK)
 
 
 def has_int8_dot(flags: Iterable[str] | None = None) -> bool:
     """Whether `flags` (default: this CPU's) include int8 dot products (`INT8_DOT_FLAGS`)."""
+    return _has_any(flags, INT8_DOT_FLAGS)
+
+
+def _has_any(flags: Iterable[str] | None, any_of: tuple[frozenset[str], ...]) -> bool:
     have = frozenset(cpu_flags() if flags is None else flags)
-    return any(needed <= have for needed in INT8_DOT_FLAGS)
+    return any(needed <= have for needed in any_of)
 
 
 def resolve_precision(precision: str, flags: Iterable[str] | None = None) -> PrecisionRule:
