@@ -46,7 +46,7 @@ def test_presets():
     assert ref.vae_memory_format == "contiguous"
     assert (
         ref.choose == "thresholds" and FastPaths.default().choose == "thresholds"
-    )  # probing is opt-in (it breaks LoRA parity: see docs)
+    )  # probing is opt-in (see docs/performance.md)
     for f in fields(FastPaths):
         value = getattr(ref, f.name)
         if f.name not in ("backend", "vae_memory_format", "choose"):
