@@ -429,8 +429,8 @@ def test_fast_paths_choose_reaches_every_conv():
     unet, vae = _tiny_models()
     for model in (unet, vae):
         convs = [m for m in model.modules() if isinstance(m, Conv2d)]
-        assert convs and all(m.choose == "thresholds" for m in convs)  # FastPaths.default()
-        model.set_fast_paths(FastPaths(choose="probe"))
-        assert all(m.choose == "probe" for m in convs)
+        assert convs and all(m.choose == "probe" for m in convs)  # FastPaths.default()
         model.set_fast_paths(FastPaths(choose="thresholds"))
         assert all(m.choose == "thresholds" for m in convs)
+        model.set_fast_paths(FastPaths(choose="probe"))
+        assert all(m.choose == "probe" for m in convs)
