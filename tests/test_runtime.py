@@ -44,9 +44,7 @@ def test_presets():
     ref = FastPaths.reference()
     assert ref.backend == "torch"
     assert ref.vae_memory_format == "contiguous"
-    assert (
-        ref.choose == "thresholds" and FastPaths.default().choose == "thresholds"
-    )  # probing is opt-in (it breaks LoRA parity: see docs)
+    assert ref.choose == "thresholds" and FastPaths.default().choose == "probe"  # the reference times nothing
     for f in fields(FastPaths):
         value = getattr(ref, f.name)
         if f.name not in ("backend", "vae_memory_format", "choose"):

@@ -48,12 +48,11 @@ class FastPaths:
     - `backend`: "torch" (exact mode: our PyTorch models with the paths below) or "openvino" (the fast mode,
       `lcmkit.accel.enable_fast`; once applied to a pipeline it cannot go back to "torch": load it again).
     - `choose`: how the "auto" fields below decide, per layer and input shape, whether their path runs. "probe"
-      (opt-in: with LoRA adapters it currently gives wrong images, 0.01-0.03 off diffusers in the LoRA parity
-      tests, not yet found why): the first time a layer meets a shape, the reference op and the fast one are timed on it, on
+      (the default): the first time a layer meets a shape, the reference op and the fast one are timed on it, on
       this machine, and the faster is kept (`lcmkit.nn.probe`: in memory for the process, on disk for later ones,
       keyed by CPU, torch version and thread count); where nothing can be timed (graph capture, autograd, another
       device or dtype) and outside the shapes a path could pay on, the fixed thresholds of `lcmkit.nn.fast` apply.
-      "thresholds" (the default): those fixed thresholds only (measured on one VM; the same choice on every machine). Each path
+      "thresholds": those fixed thresholds only (measured on one VM; the same choice on every machine). Each path
       keeps its tolerance either way, but two machines (or runs) may pick differently, so the image can differ
       between them by a path's rounding (~1e-5): pin the fields (or choose "thresholds") to compare bitwise.
 
@@ -80,7 +79,7 @@ class FastPaths:
     """
 
     backend: Backend = "torch"
-    choose: Choose = "thresholds"
+    choose: Choose = "probe"
     conv_prepack: Mode = "auto"
     conv_winograd: Mode = "auto"
     residual_into_conv: bool = True

@@ -137,3 +137,43 @@ def test_upsample_auto_takes_the_subpixel_form_on_large_inputs_only(monkeypatch)
         traced = torch.jit.trace(layer, big, check_trace=False)
         assert torch.equal(traced(big), reference(big))
     assert calls == [big.shape]
+
+
+@pytest.mark.parametrize("subpixel, side", [(True, 4), ("auto", 32)])
+def test_upsample_with_a_lora_adapter_on_its_conv_adds_the_adapter(subpixel, side):
+    """A LoRA-wrapped upsampler conv (kohya and LCM-LoRA files target `upsamplers.0.conv`): the sub-pixel form adds
+    each unfused adapter's product as the wrapper's forward does (it used to drop it), and follows fusing,
+    unfusing, per-adapter weights, the call-time scale and disabling."""
+    from lcmkit.nn.lora import LoraWeights, inject_adapter, scale_lora, set_active_adapters
+    from lcmkit.nn.sampling import Upsample2D
+
+    torch.manual_seed(0)
+    layer = Upsample2D(8, subpixel=subpixel).eval()
+    rank = 2
+    lora = LoraWeights(torch.randn(rank, 8, 3, 3), torch.randn(8, rank, 1, 1), alpha=4.0)
+    inject_adapter(layer, "a", {"conv": lora})
+    set_active_adapters(layer, ["a"], [0.7])
+    x = torch.randn(1, 8, side, side)
+
+    def check(what: str) -> None:
+        with torch.no_grad():
+            layer.subpixel = False
+            expected = layer(x)  # the reference form: nearest 2x, then the wrapper's forward
+            layer.subpixel = subpixel
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5, msg=what)
+
+    with torch.no_grad():
+        base = F.conv2d(F.interpolate(x, scale_factor=2.0), layer.conv.weight, layer.conv.bias, padding=1)
+        layer.subpixel = False
+        assert (
+            layer(x) - base
+        ).abs().max() > 0.1  # the adapter changes the output: the checks below can fail
+    check("unfused")
+    with scale_lora(layer, 0.3):
+        check("call-time scale")
+    layer.conv.fuse(["a"], 1.0)
+    check("fused")
+    layer.conv.unfuse()
+    check("unfused again")
+    layer.conv.enabled = False
+    check("disabled")

@@ -20,6 +20,7 @@ from lcmkit.nn.fast import (  # noqa: F401  (re-exported: their home was this mo
     capturing_graph,
     winograd_available,
 )
+from lcmkit.nn.lora import LoraLayer
 from lcmkit.runtime import MODES, Choose, Mode
 
 Prepack = Mode
@@ -96,6 +97,7 @@ def _set_on_convs(module: nn.Module, attribute: str, mode: str, modes: tuple[str
         raise ValueError(f"conv {attribute} mode {mode!r} is not one of {modes}")
     count = 0
     for layer in module.modules():
+        layer = layer.base if isinstance(layer, LoraLayer) else layer  # the conv a LoRA wrapper runs
         if isinstance(layer, Conv2d):
             setattr(layer, attribute, mode)
             count += 1

@@ -388,7 +388,9 @@ def upsample_subpixel(
     """`conv(nearest_2x(x))` in sub-pixel form where `mode` takes it (True; "auto": where it measured faster on
     this shape with the conv's `choose = "probe"`, else inputs of at least `SUBPIXEL_MIN_PIXELS` pixels; never
     while a graph is captured), else None. The phase kernels are cached in `kernels`, except under autograd and for
-    weights made under `inference_mode` (no version counter)."""
+    weights made under `inference_mode` (no version counter). `conv` may be a LoRA wrapper (`LoraLayer`): its
+    `weight` is the base one (with any fused adapters), and each unfused adapter's product is added, computed in
+    sub-pixel form too, as the wrapper's forward would add it on the upsampled map."""
     if not mode or (mode == "auto" and capturing_graph()):
         return None
     w = conv.weight
@@ -397,11 +399,16 @@ def upsample_subpixel(
     def phases() -> torch.Tensor:
         return subpixel_kernels(w) if fresh else kernels.get(w, subpixel_kernels)
 
+    def subpixel_conv(t: torch.Tensor) -> torch.Tensor:
+        out = nearest2x_conv3x3(t, w, conv.bias, kernels=phases())
+        for name, coeff in _adapters(conv):
+            out = out + _lora_subpixel(conv, t, name) * coeff
+        return out
+
     if mode == "auto" and probing(conv, x):
         key = f"subpixel {conv.in_channels}->{conv.out_channels} {'x'.join(map(str, x.shape))} {_layout_name(x)}"
         plain = (lambda t: conv(F.interpolate(t, scale_factor=2.0, mode="nearest")), x)
-        subpixel = (lambda t: nearest2x_conv3x3(t, w, conv.bias, kernels=phases()), x)
-        pays = default_prober().decide(key, plain, subpixel)
+        pays = default_prober().decide(key, plain, (subpixel_conv, x))
         if pays is None:
             pays = x.shape[-2] * x.shape[-1] >= SUBPIXEL_MIN_PIXELS
         if not pays:
@@ -409,7 +416,13 @@ def upsample_subpixel(
             return None
     elif mode == "auto" and x.shape[-2] * x.shape[-1] < SUBPIXEL_MIN_PIXELS:
         return None
-    return nearest2x_conv3x3(x, w, conv.bias, kernels=phases())
+    return subpixel_conv(x)
+
+
+def _lora_subpixel(layer: LoraLayer, x: torch.Tensor, name: str) -> torch.Tensor:
+    """`layer.lora_path(nearest_2x(x), name)` for the upsampler's 3x3 conv: the adapter's down conv (the base's 3x3
+    kernel) in sub-pixel form on x, then its 1x1 up conv."""
+    return F.conv2d(nearest2x_conv3x3(x, layer.lora_down[name]), layer.lora_up[name])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
