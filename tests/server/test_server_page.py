@@ -145,7 +145,7 @@ def test_gallery_survives_reload_with_seeds_and_clears(browser, fake_url: str) -
 
     page.once("dialog", lambda d: d.accept())  # "Remove all 3 images ...?"
     page.click("#gallery-clear")
-    page.wait_for_function("document.querySelectorAll('#gallery li').length === 0")
+    page.wait_for_function("() => document.querySelectorAll('#gallery li').length === 0")
     assert page.locator("#gallery-clear").is_hidden()
     page.reload()
     page.wait_for_selector("#gallery-note:has-text('kept in this browser')")
