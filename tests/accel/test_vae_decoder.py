@@ -7,6 +7,8 @@ What these tests prove:
   `device`) is untouched;
 - int8-weights stays near eager (relative RMS error <= 0.05; measured 0.015 here: tiny random weights say the
   graph is the same function, not what image quality real weights keep);
+- the graph upsamples as the reference does (nearest 2x, then the conv: Interpolate ops, no scatters), while the
+  eager decoder keeps its sub-pixel upsamplers;
 - the cache: a second stand-in on the same weights reads the graph from disk (converting again would raise, and no
   IR file is added), and int8-weights is quantized from the cached fp32 IR;
 - what cannot work (another precision, a tiny VAE, a decoder already converted, a float16 VAE, wrong latents,
@@ -30,6 +32,7 @@ from lcmkit.accel import (  # noqa: E402
     graphs,  # noqa: E402
     use_openvino_vae_decoder,
 )
+from lcmkit.accel.vae_decoder import decoder_source as graphs_source  # noqa: E402
 
 FP32_TOL = 1e-5
 INT8_WEIGHTS_REL_RMS = 0.05
@@ -127,6 +130,25 @@ def test_cache_is_read_back(eager, fast, cache, z, monkeypatch):
     use_openvino_vae_decoder(again, "fp32", cache_dir=cache, threads=1)
     assert (_decode(again, z) - _decode(eager, z)).abs().max() <= FP32_TOL
     assert _graphs(cache) == before
+
+
+def test_graph_upsamples_as_the_reference_does(eager, fast, cache):
+    """Eager decoding runs sub-pixel upsamplers; traced, their phase interleave became scatters OpenVINO runs
+    slowly, so the graph gets the plain form, and the switches are left as they were."""
+    import openvino as ov
+
+    upsamplers = [m for m in eager.decoder.modules() if type(m).__name__ == "Upsample2D"]
+    assert upsamplers and all(m.subpixel is True for m in upsamplers)
+    (xml,) = [p for p in cache.iterdir() if p.name.startswith("vae-decoder-fp32-") and p.name.count("-") == 3
+              and p.suffix == ".xml"]  # fmt: skip
+    ops = [op.get_type_name() for op in ov.Core().read_model(xml).get_ordered_ops()]
+    assert ops.count("Interpolate") == len(upsamplers)
+    assert "ScatterNDUpdate" not in ops and "ScatterUpdate" not in ops
+    traced = graphs_source(eager).traced  # what the tracer calls: same values, switches restored after
+    z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (traced(z) - eager.decoder(z)).abs().max() <= FP32_TOL
+    assert all(m.subpixel is True for m in upsamplers)
 
 
 def _no_conversion(*args, **kwargs):

@@ -216,7 +216,7 @@ def convert(ov: Any, source: GraphSource) -> Any:
             # torch.export route converts too (same outputs), but to dynamic shapes and slower, so it is not used
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=DeprecationWarning)
             # the tracer runs the model twice and wants the same graph both times: a first call builds what
-            # layers cache lazily (the VAE decoder's sub-pixel kernels), so both traces see the cached tensor
+            # layers cache lazily, so both traces see the cached tensors
             source.traced(*source.example)
             model = ov.convert_model(
                 source.traced,
