@@ -9,6 +9,8 @@ What these tests prove:
   graph is the same function, not what image quality real weights keep);
 - the graph upsamples as the reference does (nearest 2x, then the conv: Interpolate ops, no scatters), while the
   eager decoder keeps its sub-pixel upsamplers;
+- int8 leaves the last up block and the output conv in float (no FakeQuantize before their convolutions) and
+  quantizes the convolutions before them;
 - the cache: a second stand-in on the same weights reads the graph from disk (converting again would raise, and no
   IR file is added), and int8-weights is quantized from the cached fp32 IR;
 - what cannot work (another precision, a tiny VAE, a decoder already converted, a float16 VAE, wrong latents,
@@ -149,6 +151,26 @@ def test_graph_upsamples_as_the_reference_does(eager, fast, cache):
     with torch.no_grad():
         assert (traced(z) - eager.decoder(z)).abs().max() <= FP32_TOL
     assert all(m.subpixel is True for m in upsamplers)
+
+
+def test_int8_keeps_the_last_block_in_float(eager):
+    pytest.importorskip("nncf")
+    import numpy as np
+    import openvino as ov
+
+    source = graphs_source(copy.deepcopy(eager))
+    rng = np.random.default_rng(0)
+    calibration = [[rng.standard_normal((1, 4, 8, 8)).astype(np.float32)] for _ in range(2)]
+    model = graphs.load_or_build(ov, source, "int8", calibration, None)
+    last = f".up_blocks.{len(eager.decoder.up_blocks) - 1}."
+    quantized = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Convolution":
+            producer = op.input(0).get_source_output().get_node().get_type_name()
+            quantized[op.get_friendly_name()] = producer == "FakeQuantize"
+    kept = {name: q for name, q in quantized.items() if last in name or ".conv_out/" in name}
+    assert kept and not any(kept.values()), kept
+    assert any(q for name, q in quantized.items() if name not in kept), quantized
 
 
 def _no_conversion(*args, **kwargs):

@@ -90,6 +90,9 @@ class GraphSource:
     output: str
     description: str
     sampled_key: bool = False
+    # regexes of node names that "int8" (activations quantized) leaves in float: the layers whose rounding the
+    # image shows most; part of the quantized graph's cache key
+    keep_float: tuple[str, ...] = ()
 
 
 def graph_digest(source: GraphSource) -> str:
@@ -135,13 +138,17 @@ class LazyCalibration:
 Calibration = list[list[np.ndarray]] | LazyCalibration | None
 
 
-def precision_digest(graph: str, precision: str, calibration: Calibration) -> str:
-    """The fp32 digest extended by what quantization depends on: the precision, NNCF's version, the data (or the
-    recipe of lazily made data)."""
+def precision_digest(
+    graph: str, precision: str, calibration: Calibration, keep_float: tuple[str, ...] = ()
+) -> str:
+    """The fp32 digest extended by what quantization depends on: the precision, NNCF's version, the layers "int8"
+    keeps in float, the data (or the recipe of lazily made data)."""
     if precision == "fp32":
         return graph
     tool = import_nncf().__version__ if precision in NEEDS_NNCF else "openvino"
     h = hashlib.blake2b(f"{graph}\n{precision}\n{tool}".encode(), digest_size=16)
+    if precision == "int8" and keep_float:
+        h.update(f"float\n{keep_float!r}".encode())
     if isinstance(calibration, LazyCalibration):
         h.update(f"recipe\n{calibration.key}".encode())
         return h.hexdigest()
@@ -171,12 +178,15 @@ def load_or_build(
     for that file without reading the graph's weights into memory."""
     core = ov.Core()
     if cache_dir is None:
-        return quantize(convert(ov, source), precision, _data(calibration))
+        return quantize(convert(ov, source), precision, _data(calibration), source.keep_float)
     graph = graph_digest(source)
     # The digest read every eager weight into memory; OpenVINO works from its own copy from here on, so hand the
     # memory-mapped pages back (they are read again if this module is ever converted or run eagerly).
     release_weight_pages(source.module)
-    path = cache_dir / f"{source.name}-{precision}-{precision_digest(graph, precision, calibration)}.xml"
+    path = (
+        cache_dir
+        / f"{source.name}-{precision}-{precision_digest(graph, precision, calibration, source.keep_float)}.xml"
+    )
     if path.exists():
         logger.info("reading the converted %s from %s", source.name, path)
         return str(path) if as_path else core.read_model(path)
@@ -191,7 +201,7 @@ def load_or_build(
             model = core.read_model(fp32_path)
             release_weight_pages(source.module)
     if precision != "fp32":
-        model = quantize(model, precision, _data(calibration))
+        model = quantize(model, precision, _data(calibration), source.keep_float)
         ov.save_model(model, path, compress_to_fp16=precision == "fp16-weights")
     if as_path:
         return str(path)
@@ -272,9 +282,11 @@ def check_threads(threads: int | None) -> None:
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
 
 
-def quantize(model: Any, precision: str, calibration: list[list[np.ndarray]] | None) -> Any:
+def quantize(
+    model: Any, precision: str, calibration: list[list[np.ndarray]] | None, keep_float: tuple[str, ...] = ()
+) -> Any:
     """`model` at `precision`. "fp16-weights" is applied when the IR is saved (`ov.save_model(compress_to_fp16=)`),
-    so without a cache folder its weights stay float32."""
+    so without a cache folder its weights stay float32. "int8" leaves the nodes matching `keep_float` in float."""
     if precision in ("fp32", "fp16-weights"):
         return model
     nncf = import_nncf()
@@ -297,10 +309,14 @@ def quantize(model: Any, precision: str, calibration: list[list[np.ndarray]] | N
                 smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
             ),
         )
+    kept = (
+        {"ignored_scope": nncf.IgnoredScope(patterns=list(keep_float), validate=False)} if keep_float else {}
+    )
     return nncf.quantize(
         model,
         dataset,
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(calibration),
         advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
+        **kept,
     )

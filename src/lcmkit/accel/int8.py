@@ -62,7 +62,7 @@ CALIBRATION_PROMPTS = (
 CALIBRATION_STEPS, CALIBRATION_GUIDANCE = 4, 8.0
 FLOOR_DB = 35.0  # every reference image of an accepted combination at least this close to exact mode
 MIN_SPEEDUP = 1.1  # an int8 graph must be this much faster than the base one, measured here, to be tried
-VERDICT_VERSION = 1
+VERDICT_VERSION = 2  # 2: the int8 decoder keeps its last up block in float
 
 
 @dataclass

@@ -75,6 +75,7 @@ class _PlainUpsampling(nn.Module):
 def decoder_source(vae: AutoencoderKL, *, sampled_key: bool = False) -> graphs.GraphSource:
     """The decoder with batch, height and width free, its upsamplers in the reference form (`_PlainUpsampling`)."""
     c = vae.config.latent_channels
+    last = len(vae.decoder.up_blocks) - 1
     return graphs.GraphSource(
         name="vae-decoder",
         module=vae.decoder,
@@ -84,7 +85,15 @@ def decoder_source(vae: AutoencoderKL, *, sampled_key: bool = False) -> graphs.G
         output="sample",
         description=repr((vae.config, "upsamplers: nearest 2x then conv")),
         sampled_key=sampled_key,
+        keep_float=float_layers(last),
     )
+
+
+# int8 keeps the last, full-resolution up block and the output conv in float: their rounding reaches the pixels
+# directly. SD1.5 decoder at 512², bf16 arithmetic elsewhere: largest pixel error of int8 against eager 0.036
+# (43.2 dB) with them quantized, 0.031 (44.7 dB) kept, for 2% more time than all-int8 (1.25 s against 1.23 s).
+def float_layers(last: int) -> tuple[str, ...]:
+    return (rf".*\.up_blocks\.{last}\..*", r".*\.conv_out/.*")
 
 
 def _check_vae(vae: Any) -> None:
