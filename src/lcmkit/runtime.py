@@ -73,7 +73,7 @@ class FastPaths:
       faster for its first convolution); "channels_last" / "contiguous" force one layout.
     - `unet_subpixel` / `vae_subpixel`: nearest-2x-then-conv upsamplers run in sub-pixel form (no 4x upsampled
       copy, 16 instead of 36 multiply-adds). "auto": where it pays (probed; by threshold, inputs of at least 32x32
-      pixels); "always"; "off".
+      pixels); "always"; "off". Traced or compiled graphs get the reference form in every mode.
     - `weight_paging`: the pipeline hands each model's memory-mapped weight pages back to the OS after its stage.
       Changes no arithmetic.
     """

@@ -136,6 +136,9 @@ def test_upsample_auto_takes_the_subpixel_form_on_large_inputs_only(monkeypatch)
         assert torch.equal(layer(big, (2 * side + 1, 2 * side)), reference(big, (2 * side + 1, 2 * side)))
         traced = torch.jit.trace(layer, big, check_trace=False)
         assert torch.equal(traced(big), reference(big))
+        layer.subpixel = True  # "always" too: a traced graph gets the reference form in every mode
+        traced = torch.jit.trace(layer, big, check_trace=False)
+        assert torch.equal(traced(big), reference(big))
     assert calls == [big.shape]
 
 

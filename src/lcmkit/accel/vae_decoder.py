@@ -43,57 +43,32 @@ from torch import nn
 from lcmkit.accel import graphs
 from lcmkit.accel.per_shape import default_cache_dir, use_openvino_unet
 from lcmkit.models.vae import AutoencoderKL
-from lcmkit.nn.sampling import Upsample2D
 
 logger = logging.getLogger(__name__)
 
 
-class _PlainUpsampling(nn.Module):
-    """The decoder as the graph gets it: its upsamplers as the reference has them (nearest 2x, then the 3x3 conv).
-
-    Eager decoding runs them in sub-pixel form (`FastPaths.vae_subpixel`), but traced, that form's interleave of
-    the four phases becomes strided scatters that OpenVINO's CPU plugin runs slowly: on SD1.5's decoder, bf16, 2
-    threads, the plain graph decoded 256x256 in 0.43 s against 0.66 s and 512x512 in 2.0 s against 2.9 s (fp32:
-    the same time either way). The switches are restored after each call."""
-
-    def __init__(self, decoder: nn.Module) -> None:
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        upsamplers = [m for m in self.decoder.modules() if isinstance(m, Upsample2D)]
-        switches = [m.subpixel for m in upsamplers]
-        try:
-            for m in upsamplers:
-                m.subpixel = False
-            return self.decoder(z)
-        finally:
-            for m, switch in zip(upsamplers, switches, strict=True):
-                m.subpixel = switch
-
-
 def decoder_source(vae: AutoencoderKL, *, sampled_key: bool = False) -> graphs.GraphSource:
-    """The decoder with batch, height and width free, its upsamplers in the reference form (`_PlainUpsampling`)."""
+    """The decoder with batch, height and width free. Traced, its upsamplers take the reference form (nearest 2x,
+    then the conv) whatever their sub-pixel switches (`lcmkit.nn.fast.upsample_subpixel`)."""
     c = vae.config.latent_channels
-    last = len(vae.decoder.up_blocks) - 1
     return graphs.GraphSource(
         name="vae-decoder",
         module=vae.decoder,
-        traced=_PlainUpsampling(vae.decoder),
+        traced=vae.decoder,
         inputs={"z": (-1, c, -1, -1)},
         example=(torch.zeros(1, c, 8, 8),),
         output="sample",
         description=repr((vae.config, "upsamplers: nearest 2x then conv")),
         sampled_key=sampled_key,
-        keep_float=float_layers(last),
+        keep_float=float_layers(vae.decoder),
     )
 
 
 # int8 keeps the last, full-resolution up block and the output conv in float: their rounding reaches the pixels
 # directly. SD1.5 decoder at 512², bf16 arithmetic elsewhere: largest pixel error of int8 against eager 0.036
 # (43.2 dB) with them quantized, 0.031 (44.7 dB) kept, for 2% more time than all-int8 (1.25 s against 1.23 s).
-def float_layers(last: int) -> tuple[str, ...]:
-    return (rf".*\.up_blocks\.{last}\..*", r".*\.conv_out/.*")
+def float_layers(decoder: nn.Module) -> tuple[str, ...]:
+    return (rf".*\.up_blocks\.{len(decoder.up_blocks) - 1}\..*", r".*\.conv_out/.*")
 
 
 def _check_vae(vae: Any) -> None:
