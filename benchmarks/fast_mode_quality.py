@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lcmkit import LatentConsistencyModelPipeline
+from lcmkit.accel.cpu import FAST_PRECISIONS
 from lcmkit.accel.openvino import PRECISIONS, collect_unet_inputs, openvino_unet
 from lcmkit.models.tiny_vae import AutoencoderTiny
 from lcmkit.train.data import WorldConfig, sample_scene
@@ -175,7 +176,7 @@ def main() -> None:
         "--fast",
         nargs="*",
         default=[],
-        choices=("auto", "fp32", "bf16", "int8-weights", "int8"),
+        choices=FAST_PRECISIONS,
         help="also measure enable_fast at these precisions (the whole pipeline on OpenVINO)",
     )
     parser.add_argument(
